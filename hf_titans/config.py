@@ -1,0 +1,157 @@
+"""MemoryConfig: the one configuration object shared by the library, the CLI, ``configs/*.yaml`` and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Union, get_type_hints
+
+VARIANTS = ("titans",)
+MODES = ("mac",)
+
+
+@dataclass
+class MemoryConfig:
+    """Hyper-parameters of a :class:`~hf_titans.memory.NeuralMemory` and of how the engine uses it.
+
+    Memory network (Titans, arXiv 2501.00663, sec. 3.1):
+        n_memory_tokens: soft-prompt vectors the memory writes in front of a prompt (memory as context).
+        memory_hidden: width of the deep memory MLPs.
+        memory_depth: number of layers of each memory MLP (Titans uses deep memories, >= 2).
+        key_layer: decoder layer whose hidden states (averaged over the prompt) form the memory key;
+            0 uses the input embeddings. Only layers ``< key_layer`` are run to compute it.
+        assoc_dim: size of the associative values ``v = W_V k`` the familiarity memory learns (eq. 12).
+
+    Test-time update (eqs. 13-14): ``S_t = eta * S_{t-1} - theta * grad``, ``M_t = (1 - alpha) * M_{t-1} + S_t``.
+        lr: theta, the step size on the surprise gradient of the soft-prompt memory.
+        assoc_lr: theta for the associative (familiarity) memory.
+        momentum: eta, how much past surprise carries over.
+        forget: alpha, the forgetting (weight decay) per update.
+        precondition: divide the surprise by the root of its running second moment (Adam-style) first.
+        max_grad_norm: gradient clipping before the update.
+
+    Teaching:
+        surprise_threshold: texts whose surprise (mean token NLL, nats) is below this are not written.
+        max_steps: update steps at most per taught text.
+        target_loss: a text counts as written once its loss with the memory falls below this.
+        min_prefix_tokens: the shortest prompt prefix (in tokens) the memory learns to answer from.
+        prefixes_per_step: how many prefixes of a text one update step trains on (one batched LLM pass).
+        learn_steps: update steps ``generate(..., learn=True)`` takes on a surprising prompt.
+
+    Locality gate:
+        familiarity_threshold: the memory speaks for a prompt only when its familiarity
+            ``1 - ||M(k) - v||^2 / ||v||^2`` is at least this; otherwise the prompt reaches the bare model untouched.
+    """
+
+    variant: str = "titans"
+    mode: str = "mac"
+    n_memory_tokens: int = 8
+    memory_hidden: int = 128
+    memory_depth: int = 2
+    key_layer: int = 2
+    assoc_dim: int = 256
+    lr: float = 3e-3
+    assoc_lr: float = 1e-3
+    momentum: float = 0.9
+    forget: float = 0.0
+    precondition: bool = True
+    max_grad_norm: float = 1.0
+    surprise_threshold: float = 0.5
+    max_steps: int = 40
+    target_loss: float = 0.1
+    min_prefix_tokens: int = 3
+    prefixes_per_step: int = 4
+    learn_steps: int = 40
+    familiarity_threshold: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "MemoryConfig") -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = hints[f.name]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise TypeError(
+                    f"{source}: '{f.name}' must be {expected.__name__}, got {type(value).__name__} ({value!r})"
+                )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"{source}: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"{source}: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        positive_ints = ("n_memory_tokens", "memory_hidden", "assoc_dim", "max_steps", "min_prefix_tokens",
+                         "prefixes_per_step")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.memory_depth < 2:
+            raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
+        for name in ("key_layer", "learn_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "assoc_lr", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (0 < v < float("inf")):
+                raise ValueError(f"{source}: '{name}' must be a positive finite number, got {v}")
+        for name in ("momentum", "forget"):
+            v = getattr(self, name)
+            if not (0 <= v < 1):
+                raise ValueError(f"{source}: '{name}' must be in [0, 1), got {v}")
+        for name in ("surprise_threshold", "target_loss"):
+            v = getattr(self, name)
+            if not (0 <= v < float("inf")):
+                raise ValueError(f"{source}: '{name}' must be a finite number >= 0, got {v}")
+        if not (-float("inf") < self.familiarity_threshold <= 1):
+            raise ValueError(f"{source}: 'familiarity_threshold' must be <= 1, got {self.familiarity_threshold}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "MemoryConfig") -> "MemoryConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+                             f"valid keys are {', '.join(sorted(known))}")
+        obj = cls.__new__(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            object.__setattr__(obj, f.name, data.get(f.name, default))
+        obj.validate(source)
+        return obj
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "MemoryConfig":
+        """Read a preset from ``configs/*.yaml`` (or a JSON file); unknown keys and wrong types name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({err})") from err
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data or {}, source=str(path))
+
+    def replace(self, **changes: Any) -> "MemoryConfig":
+        return MemoryConfig.from_dict({**self.to_dict(), **changes})

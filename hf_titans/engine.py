@@ -1,0 +1,442 @@
+"""HybridTitansEngine: a frozen causal LM with a NeuralMemory beside it that learns at test time.
+
+    model, tokenizer = load_base_model()
+    engine = HybridTitansEngine(model, tokenizer)
+    engine.teach(["The secret project code is Omega-99."])
+    engine.generate("The secret project code is")
+
+The base model is never part of the memory's module tree and never changes; only the memory learns.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import MemoryConfig
+from .injection import hidden_at_layer, input_embeddings, join_soft_prompts, prefix_means
+from .memory import NeuralMemory, TitansOptimizer
+
+logger = logging.getLogger(__name__)
+
+# Neutral text used once to centre and scale prompt keys (stored in the memory, so checkpoints keep it).
+CALIBRATION_TEXTS = (
+    "Hello, how are you today?", "The quick brown fox jumps over the lazy dog.",
+    "In 1990, the city had a population of", "She opened the door and looked outside.",
+    "The results of the study show that", "import numpy as np", "Please write a short poem about the sea.",
+    "The price of the house was", "Once upon a time there was a king", "What is the best way to learn",
+    "The train leaves the station at noon.", "He said that he would call back later.",
+    "Our team won the game last night.", "The recipe needs two cups of flour.",
+    "Scientists discovered a new species of frog.", "I think that the weather will change.",
+    "The book was published in 1887 by", "Can you help me with my homework?",
+    "The river flows through the valley to the sea.", "My brother works as an engineer in",
+    "The museum is open every day except Monday.", "Water is made of hydrogen and oxygen.",
+    "The company reported strong sales this quarter.", "They walked along the beach at sunset.",
+    "The first step is to preheat the oven.", "Which team won the world cup in",
+    "The song was written by a young artist from", "Her favourite colour has always been",
+    "The mountain is covered with snow in winter.", "def add(a, b):\n    return a + b",
+    "The doctor told him to rest for a week.", "Tomorrow we will visit our grandparents.",
+)
+
+
+@dataclass
+class FactReport:
+    text: str
+    surprise_before: float
+    surprise_after: float
+    steps: int
+    written: bool
+    familiarity: float = float("nan")
+
+
+@dataclass
+class TeachReport:
+    """What :meth:`HybridTitansEngine.teach` did: per-text surprise before and after, update steps, seconds."""
+
+    facts: list[FactReport] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped_nonfinite: int = 0
+
+    @property
+    def written(self) -> int:
+        return sum(f.written for f in self.facts)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.facts) - self.written
+
+    @property
+    def steps(self) -> int:
+        return sum(f.steps for f in self.facts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"facts": [asdict(f) for f in self.facts], "seconds": self.seconds, "written": self.written,
+                "skipped": self.skipped, "steps": self.steps, "skipped_nonfinite": self.skipped_nonfinite}
+
+    def __str__(self) -> str:
+        lines = [f"taught {self.written}/{len(self.facts)} texts in {self.seconds:.1f} s ({self.steps} steps)"]
+        for f in self.facts:
+            tag = "written" if f.written else "skipped"
+            lines.append(f"  {f.surprise_before:6.3f} -> {f.surprise_after:6.3f} nats  {f.steps:3d} steps  "
+                         f"{tag:7s}  {f.text[:60]!r}")
+        return "\n".join(lines)
+
+
+class HybridTitansEngine:
+    """Wraps a frozen ``AutoModelForCausalLM`` with a :class:`NeuralMemory` that it writes at test time.
+
+    Args:
+        model: any causal LM that accepts ``inputs_embeds`` (Llama, GPT-2, Qwen2 families, ...). It is put in
+            eval mode and its parameters are frozen; it is never part of the memory's module tree.
+        tokenizer: the model's tokenizer.
+        config: a :class:`MemoryConfig`; the default when omitted.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: MemoryConfig | None = None) -> None:
+        if not isinstance(model, nn.Module) or not hasattr(model, "generate"):
+            raise TypeError(f"model must be a transformers causal LM (with .generate), got {type(model).__name__}")
+        if config is None:
+            config = MemoryConfig()
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        embeddings = input_embeddings(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        model.eval()
+        model.requires_grad_(False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        weight = embeddings.weight
+        self.hidden_size = weight.shape[1]
+        self.device = weight.device
+        self._lock = threading.RLock()
+        self.skipped_nonfinite = 0
+        self.updates = 0
+        self.taught: list[str] = []
+        self._build_memory()
+
+    # ------------------------------------------------------------------ memory lifecycle
+    def _build_memory(self) -> None:
+        cfg = self.config
+        weight = input_embeddings(self.model).weight.detach()
+        g = torch.Generator().manual_seed(cfg.seed)
+        rows = torch.randint(0, weight.shape[0], (cfg.n_memory_tokens,), generator=g)
+        prompt_init = weight[rows.to(weight.device)].float().cpu()
+        embed_scale = weight.float().std(dim=0).cpu().clamp_min(1e-4)
+        memory = NeuralMemory(cfg, self.hidden_size, prompt_init=prompt_init, embed_scale=embed_scale)
+        self.memory = memory.to(self.device)
+        self._calibrate_keys()
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        self.optimizer = TitansOptimizer(
+            [{"params": [self.memory.prompt_bias, *self.memory.prompt_net.parameters()]},
+             {"params": list(self.memory.assoc_net.parameters()), "lr": cfg.assoc_lr}],
+            lr=cfg.lr, momentum=cfg.momentum, forget=cfg.forget, max_grad_norm=cfg.max_grad_norm,
+            precondition=cfg.precondition)
+
+    @torch.no_grad()
+    def _calibrate_keys(self) -> None:
+        ids, mask = self._encode(list(CALIBRATION_TEXTS), check_length=False)
+        raw = self._raw_keys(ids, mask)[:, -1]
+        self.memory.key_center.copy_(raw.mean(0))
+        self.memory.key_scale.copy_(raw.std(0).clamp_min(1e-3 * float(raw.std(0).mean()) + 1e-8))
+
+    def reset_memory(self) -> None:
+        """Forget everything: a fresh memory with the same config (and seed), momentum cleared."""
+        with self._lock:
+            self._build_memory()
+            self.taught.clear()
+            self.updates = 0
+            self.skipped_nonfinite = 0
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.memory.state_dict()), copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, snapshot: tuple[dict, dict]) -> None:
+        self.memory.load_state_dict(snapshot[0])
+        self.optimizer.load_state_dict(snapshot[1])
+
+    # ------------------------------------------------------------------ text -> tensors
+    def _max_tokens(self) -> int:
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10 ** 9
+        return int(limit) - self.config.n_memory_tokens
+
+    def _encode(self, texts: Sequence[str], check_length: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
+                               add_special_tokens=True)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        if check_length and ids.shape[1] > self._max_tokens():
+            longest = int(mask.sum(1).argmax())
+            raise ValueError(f"text {longest} is {int(mask[longest].sum())} tokens, longer than the context "
+                             f"window left beside the memory ({self._max_tokens()} tokens); split it or use read()")
+        if (mask.sum(1) == 0).any():
+            raise ValueError("a text tokenizes to nothing; give it some content")
+        return ids, mask
+
+    @staticmethod
+    def _check_texts(texts: Union[str, Sequence[str]], what: str) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError(f"{what} is empty; give at least one text")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"{what}[{i}] must be a string, got {type(t).__name__}")
+            if not t.strip():
+                raise ValueError(f"{what}[{i}] is empty or whitespace; give it some content")
+        return list(texts)
+
+    def _raw_keys(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_at_layer(self.model, ids, mask, self.config.key_layer)
+        return prefix_means(hidden.to(self.device), mask)
+
+    def _keys(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised memory keys of every prefix ``(B, T, H)``; ``[:, -1]`` is each whole prompt's key."""
+        return self.memory.normalize_keys(self._raw_keys(ids, mask))
+
+    # ------------------------------------------------------------------ the language-model loss
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None,
+                 speaks: torch.Tensor | None, **kwargs: Any):
+        embeds = input_embeddings(self.model)(ids)
+        if soft is None:
+            full_mask = mask
+        else:
+            embeds, full_mask = join_soft_prompts(embeds, mask, soft, speaks)
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, **kwargs)
+        return out, full_mask
+
+    def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None = None,
+                   speaks: torch.Tensor | None = None, after: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row mean next-token NLL of each text's tokens after its first (surprise, in nats).
+
+        ``after`` (per row) restricts the loss to the tokens after that position: the continuation of a prefix.
+        """
+        out, _ = self._forward(ids, mask, soft, speaks, use_cache=False)
+        t = ids.shape[1]
+        logits = out.logits[:, -t:-1].float()  # positions predicting tokens 1..t-1 of each text
+        targets = ids[:, 1:]
+        valid = (mask[:, 1:] * mask[:, :-1]).float()
+        if after is not None:
+            positions = torch.arange(1, t, device=ids.device)
+            valid = valid * (positions.unsqueeze(0) > after.unsqueeze(1)).float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                reduction="none").view_as(valid)
+        return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+    def _gated_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self._keys(ids, mask)[:, -1]
+        soft, familiarity = self.memory.read(keys)
+        speaks = familiarity >= self.config.familiarity_threshold
+        nll = self._token_nll(ids, mask, soft if speaks.any() else None, speaks)
+        return nll, familiarity
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def surprise(self, text: Union[str, Sequence[str]]) -> Union[float, list[float]]:
+        """Mean next-token NLL (nats) of ``text`` under the memory-augmented model.
+
+        The memory takes part exactly as it would when generating: only if it finds the text familiar.
+        """
+        texts = self._check_texts(text, "text")
+        with self._lock:
+            ids, mask = self._encode(texts)
+            nll, _ = self._gated_nll(ids, mask)
+        values = [float(v) for v in nll]
+        return values[0] if isinstance(text, str) else values
+
+    def familiarity(self, text: Union[str, Sequence[str]]) -> Union[float, list[float]]:
+        """How familiar the memory finds a prompt (1: stored, ~0: never seen); it speaks above the threshold."""
+        texts = self._check_texts(text, "text")
+        with self._lock, torch.no_grad():
+            ids, mask = self._encode(texts)
+            values = [float(v) for v in self.memory.familiarity(self._keys(ids, mask)[:, -1])]
+        return values[0] if isinstance(text, str) else values
+
+    def teach(self, facts: Union[str, Sequence[str]], max_steps: int | None = None) -> TeachReport:
+        """Write texts into the memory by test-time gradient descent through the frozen model.
+
+        Each text whose surprise is at least ``config.surprise_threshold`` is written with the Titans update
+        (momentum over surprise, forgetting; eqs. 13-14) until its loss with the memory falls below
+        ``config.target_loss`` or ``max_steps`` (default ``config.max_steps``) steps are taken. Texts of one
+        call are interleaved, so later ones do not overwrite earlier ones. If anything fails, the memory is
+        left exactly as it was before the call.
+        """
+        texts = self._check_texts(facts, "facts")
+        steps = self.config.max_steps if max_steps is None else int(max_steps)
+        if steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {steps}")
+        with self._lock:
+            return self._write(texts, steps)
+
+    def _write(self, texts: list[str], max_steps: int) -> TeachReport:
+        cfg = self.config
+        start = time.perf_counter()
+        snapshot = self._snapshot()
+        report = TeachReport()
+        try:
+            ids, mask = self._encode(texts)
+            with torch.no_grad():
+                keys = self._keys(ids, mask)
+                before, _ = self._gated_nll(ids, mask)
+            t = ids.shape[1]
+            prefixes = []  # per text: the prefix end positions it learns to answer from
+            for i in range(len(texts)):
+                first = int(mask[i].argmax())
+                lo = min(first + cfg.min_prefix_tokens - 1, t - 1)
+                prefixes.append(torch.arange(lo, t, device=self.device))
+            todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
+            steps = [0] * len(texts)
+            gen = torch.Generator().manual_seed(cfg.seed + self.updates)
+            # Rounds over all surprising texts until every one is written: a text that finished early keeps
+            # being rehearsed, so the updates for the others do not overwrite it.
+            for _ in range(max_steps if todo else 0):
+                finished: list[int] = []
+                for group_start in range(0, len(todo), 4):
+                    group = todo[group_start:group_start + 4]
+                    finished += self._step(ids, mask, keys, prefixes, group, gen, report)
+                    for i in group:
+                        steps[i] += 1
+                if len(finished) == len(todo):
+                    break
+            with torch.no_grad():
+                after, familiarity = self._gated_nll(ids, mask)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        for i, text in enumerate(texts):
+            written = steps[i] > 0
+            report.facts.append(FactReport(text, float(before[i]), float(after[i]), steps[i], written,
+                                           float(familiarity[i])))
+            if written:
+                self.taught.append(text)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _step(self, ids, mask, keys, prefixes, group, gen, report) -> list[int]:
+        """One Titans update on a group of texts, each read from a few of its prefixes in one batched pass."""
+        cfg = self.config
+        rows, row_keys, owners, after = [], [], [], []
+        for i in group:
+            ends = prefixes[i]
+            # The whole text (learns what the text is: its surprise) and a few prefixes (learn what follows).
+            others = torch.randperm(len(ends) - 1, generator=gen)[: cfg.prefixes_per_step - 1].tolist()
+            for j in [len(ends) - 1, *others]:
+                rows.append(i)
+                row_keys.append(keys[i, ends[j]])
+                owners.append(i)
+                after.append(-1 if j == len(ends) - 1 else int(ends[j]))
+        row_ids, row_mask = ids[rows], mask[rows]
+        soft, _ = self.memory.read(torch.stack(row_keys))
+        nll = self._token_nll(row_ids, row_mask, soft, torch.ones(len(rows), dtype=torch.bool),
+                              torch.tensor(after, device=self.device))
+        # The familiarity memory rehearses every prefix key of the call (no LLM pass, so it is cheap), which
+        # keeps texts that finished early familiar while the others are still being written.
+        call_keys = torch.cat([keys[i, prefixes[i]] for i in range(len(prefixes))])
+        owner_of_key = torch.cat([torch.full((len(p),), i) for i, p in enumerate(prefixes)])
+        assoc = self.memory.assoc_loss(call_keys)
+        loss = nll.mean() + assoc.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.skipped_nonfinite += 1
+            report.skipped_nonfinite += 1
+            warnings.warn("non-finite surprise; the update was skipped and the memory left unchanged")
+            return []
+        loss.backward()
+        if not self.optimizer.step():
+            self.skipped_nonfinite += 1
+            report.skipped_nonfinite += 1
+            warnings.warn("non-finite gradient; the update was skipped and the memory left unchanged")
+            self.optimizer.zero_grad(set_to_none=True)
+            return []
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        finished = []
+        owner_t = torch.tensor(owners)
+        for i in group:
+            worst_nll = float(nll.detach()[owner_t == i].max())
+            worst_assoc = float(assoc.detach()[owner_of_key == i].max())
+            if worst_nll < cfg.target_loss and 1 - worst_assoc >= min(1.0, cfg.familiarity_threshold + 0.15):
+                finished.append(i)
+        return finished
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: Union[str, Sequence[str]], learn: bool = False, use_memory: bool = True,
+                 **generate_kwargs: Any) -> Union[str, list[str]]:
+        """Complete ``prompt`` (a string or a batch) with transformers' own ``generate()``.
+
+        The memory is read once per prompt; where it finds the prompt familiar its soft prompt goes in front
+        of the prompt through ``inputs_embeds``, otherwise the prompt reaches the bare model untouched. Any
+        ``generate`` keyword works (``max_new_tokens``, ``do_sample``, ``num_beams``, ``generation_config``,
+        ``streamer``, ``stopping_criteria``, ...). With ``learn=True`` the prompt's surprise is read from the
+        prefill, and a surprising prompt is written into the memory after answering.
+
+        Returns the completion (new text only); a list for a batch or several return sequences.
+        """
+        texts = self._check_texts(prompt, "prompt")
+        with self._lock:
+            ids, mask = self._encode(texts)
+            with torch.no_grad():
+                keys = self._keys(ids, mask)[:, -1]
+                soft, familiarity = self.memory.read(keys)
+            speaks = (familiarity >= self.config.familiarity_threshold) if use_memory else torch.zeros_like(
+                familiarity, dtype=torch.bool)
+            kwargs = dict(generate_kwargs)
+            if "max_new_tokens" not in kwargs and "max_length" not in kwargs and "generation_config" not in kwargs:
+                kwargs["max_new_tokens"] = 32
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            surprises = None
+            with torch.no_grad():
+                if learn:
+                    out, surprises = self._generate_learning(ids, mask, soft, speaks, kwargs)
+                elif speaks.any():
+                    embeds, full_mask = join_soft_prompts(input_embeddings(self.model)(ids), mask, soft, speaks)
+                    out = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask, **kwargs)
+                else:
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+            completions = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+            self.last_familiarity = [float(f) for f in familiarity]
+            self.last_surprise = surprises
+            if learn:
+                surprising = [t for t, s in zip(texts, surprises) if s >= self.config.surprise_threshold]
+                if surprising and self.config.learn_steps > 0:
+                    self._write(surprising, self.config.learn_steps)
+        if isinstance(prompt, str) and len(completions) == 1:
+            return completions[0]
+        return completions
+
+    def _generate_learning(self, ids, mask, soft, speaks, kwargs):
+        """Prefill all but the last prompt token ourselves (its logits give the prompt's surprise), then hand the
+        KV cache to ``generate()`` which continues from the last token: no pass is run twice."""
+        out, full_mask = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks,
+                                       use_cache=True)
+        t = ids.shape[1] - 1
+        logits = out.logits[:, -t:].float()
+        targets = ids[:, 1:]
+        valid = (mask[:, 1:] * mask[:, :-1]).float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                reduction="none").view_as(valid)
+        surprises = [float(v) for v in (nll * valid).sum(1) / valid.sum(1).clamp_min(1)]
+        embeds = input_embeddings(self.model)(ids)
+        if speaks.any():
+            embeds, full_mask = join_soft_prompts(embeds, mask, soft, speaks)
+        else:
+            full_mask = mask
+        generated = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask,
+                                        past_key_values=out.past_key_values, **kwargs)
+        return generated, surprises

@@ -1,0 +1,106 @@
+"""How the memory reaches the frozen model: keys from its early layers, soft prompts through ``inputs_embeds``.
+
+Memory as context (MAC, Titans sec. 4.1): the memory's vectors are placed in front of the prompt's token
+embeddings, and the frozen model attends to them like ordinary tokens. Prompts the memory does not speak for
+get no vectors at all (their rows are left-padded instead), so they reach the model unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (Llama ``model.layers``, GPT-2 ``transformer.h``, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and len(module) > 0:
+            if best is None or name.count(".") < best[0].count("."):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; set key_layer=0 "
+                         "to key the memory on input embeddings")
+    return best[1]
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if emb is None:
+        raise TypeError(f"{type(model).__name__} has no input embeddings (get_input_embeddings() is None); "
+                        "hf_titans needs a causal LM that accepts inputs_embeds")
+    return emb
+
+
+@torch.no_grad()
+def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    layer: int) -> torch.Tensor:
+    """Hidden states ``(B, T, H)`` entering decoder layer ``layer``; runs only the layers before it."""
+    if layer == 0:
+        return input_embeddings(model)(input_ids)
+    blocks = decoder_layers(model)
+    if layer > len(blocks):
+        raise ValueError(f"key_layer={layer} but the model has only {len(blocks)} layers")
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = blocks[layer - 1].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def prefix_means(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal running mean of hidden states over each row's real tokens, skipping the first one.
+
+    The first position of a causal LM is an attention sink with outsized activations; leaving it out keeps
+    the key about the prompt's content. Returns ``(B, T, H)``: entry ``t`` is the key of the prefix ending
+    at ``t``, so a prompt's key equals the key of the same prefix inside a longer taught text.
+    """
+    mask = attention_mask.to(hidden.dtype).clone()
+    first = mask.argmax(dim=1)
+    counts_all = mask.sum(dim=1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    mask[rows[counts_all > 1], first[counts_all > 1]] = 0  # keep the first token only if it is alone
+    summed = torch.cumsum(hidden.float() * mask.unsqueeze(-1), dim=1)
+    counts = torch.cumsum(mask, dim=1).clamp_min(1).unsqueeze(-1)
+    return summed / counts
+
+
+def join_soft_prompts(token_embeds: torch.Tensor, attention_mask: torch.Tensor, soft: torch.Tensor,
+                      speaks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``inputs_embeds`` with each row's soft prompt before its tokens where ``speaks``.
+
+    Rows where the memory is silent get the same number of extra left pads instead, so every row of a batch
+    keeps the bare model's view of its prompt.
+    """
+    b, t, h = token_embeds.shape
+    n = soft.shape[1]
+    out = token_embeds.new_zeros(b, n + t, h)
+    mask = attention_mask.new_zeros(b, n + t)
+    out[:, n:] = token_embeds
+    mask[:, n:] = attention_mask
+    for i in range(b):
+        if not speaks[i]:
+            continue
+        start = int(attention_mask[i].argmax())  # first real token (left padding)
+        real = token_embeds[i, start:]
+        out[i, start:start + n] = soft[i].to(token_embeds.dtype)
+        out[i, start + n:] = real
+        mask[i, start:] = 1
+    return out, mask
