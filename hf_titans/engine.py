@@ -376,6 +376,42 @@ class HybridTitansEngine:
         return finished
 
     # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def prepare_inputs(self, prompt: Union[str, Sequence[str]], use_memory: bool = True) -> dict[str, torch.Tensor]:
+        """What the frozen model sees for ``prompt``: the memory is read once per prompt (eq. 15).
+
+        Returns ``input_ids`` and ``attention_mask`` (left-padded), ``speaks`` (per prompt: does the memory speak),
+        ``familiarity``, and, when the memory speaks for any prompt, ``inputs_embeds`` with the soft prompts in
+        front of those prompts (other rows get left pads instead) and the matching ``embeds_attention_mask``.
+        """
+        texts = self._check_texts(prompt, "prompt")
+        with self._lock:
+            ids, mask = self._encode(texts)
+            keys = self._keys(ids, mask)[:, -1]
+            soft, familiarity = self.memory.read(keys)
+            speaks = familiarity >= self.config.familiarity_threshold
+            if not use_memory:
+                speaks = torch.zeros_like(speaks)
+            inputs = {"input_ids": ids, "attention_mask": mask, "speaks": speaks, "familiarity": familiarity,
+                      "soft_prompts": soft}
+            if speaks.any():
+                embeds, full_mask = join_soft_prompts(input_embeddings(self.model)(ids), mask, soft, speaks)
+                inputs["inputs_embeds"] = embeds
+                inputs["embeds_attention_mask"] = full_mask
+        return inputs
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompt: str, use_memory: bool = True) -> torch.Tensor:
+        """The ``(sequence, hidden)`` prompt embeddings the frozen model gets for ``prompt`` (e.g. for vLLM's
+        ``{"prompt_embeds": ...}``): soft prompt + token embeddings when the memory speaks, else the plain
+        token embeddings."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        inputs = self.prepare_inputs(prompt, use_memory=use_memory)
+        if "inputs_embeds" in inputs:
+            return inputs["inputs_embeds"][0]
+        return input_embeddings(self.model)(inputs["input_ids"])[0]
+
     def generate(self, prompt: Union[str, Sequence[str]], learn: bool = False, use_memory: bool = True,
                  **generate_kwargs: Any) -> Union[str, list[str]]:
         """Complete ``prompt`` (a string or a batch) with transformers' own ``generate()``.
@@ -390,12 +426,8 @@ class HybridTitansEngine:
         """
         texts = self._check_texts(prompt, "prompt")
         with self._lock:
-            ids, mask = self._encode(texts)
-            with torch.no_grad():
-                keys = self._keys(ids, mask)[:, -1]
-                soft, familiarity = self.memory.read(keys)
-            speaks = (familiarity >= self.config.familiarity_threshold) if use_memory else torch.zeros_like(
-                familiarity, dtype=torch.bool)
+            inputs = self.prepare_inputs(texts, use_memory=use_memory)
+            ids, mask, speaks = inputs["input_ids"], inputs["attention_mask"], inputs["speaks"]
             kwargs = dict(generate_kwargs)
             if "max_new_tokens" not in kwargs and "max_length" not in kwargs and "generation_config" not in kwargs:
                 kwargs["max_new_tokens"] = 32
@@ -403,14 +435,14 @@ class HybridTitansEngine:
             surprises = None
             with torch.no_grad():
                 if learn:
-                    out, surprises = self._generate_learning(ids, mask, soft, speaks, kwargs)
+                    out, surprises = self._generate_learning(inputs, kwargs)
                 elif speaks.any():
-                    embeds, full_mask = join_soft_prompts(input_embeddings(self.model)(ids), mask, soft, speaks)
-                    out = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask, **kwargs)
-                else:
+                    out = self.model.generate(inputs_embeds=inputs["inputs_embeds"],
+                                              attention_mask=inputs["embeds_attention_mask"], **kwargs)
+                else:  # the memory is silent: exactly the bare model's call
                     out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
             completions = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-            self.last_familiarity = [float(f) for f in familiarity]
+            self.last_familiarity = [float(f) for f in inputs["familiarity"]]
             self.last_surprise = surprises
             if learn:
                 surprising = [t for t, s in zip(texts, surprises) if s >= self.config.surprise_threshold]
@@ -420,23 +452,27 @@ class HybridTitansEngine:
             return completions[0]
         return completions
 
-    def _generate_learning(self, ids, mask, soft, speaks, kwargs):
+    def _generate_learning(self, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any]):
         """Prefill all but the last prompt token ourselves (its logits give the prompt's surprise), then hand the
-        KV cache to ``generate()`` which continues from the last token: no pass is run twice."""
-        out, full_mask = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks,
-                                       use_cache=True)
+        KV cache to ``generate()``, which continues from the last token: no token is run twice."""
+        ids, mask, speaks, soft = inputs["input_ids"], inputs["attention_mask"], inputs["speaks"], inputs["soft_prompts"]
+        if ids.shape[1] < 2:  # a one-token prompt has nothing to be surprised by
+            zeros = [0.0] * ids.shape[0]
+            if speaks.any():
+                return self.model.generate(inputs_embeds=inputs["inputs_embeds"],
+                                           attention_mask=inputs["embeds_attention_mask"], **kwargs), zeros
+            return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:], zeros
+        out, _ = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks, use_cache=True)
         t = ids.shape[1] - 1
         logits = out.logits[:, -t:].float()
-        targets = ids[:, 1:]
         valid = (mask[:, 1:] * mask[:, :-1]).float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="none").view_as(valid)
         surprises = [float(v) for v in (nll * valid).sum(1) / valid.sum(1).clamp_min(1)]
-        embeds = input_embeddings(self.model)(ids)
         if speaks.any():
-            embeds, full_mask = join_soft_prompts(embeds, mask, soft, speaks)
+            embeds, full_mask = inputs["inputs_embeds"], inputs["embeds_attention_mask"]
         else:
-            full_mask = mask
+            embeds, full_mask = input_embeddings(self.model)(ids), mask
         generated = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask,
                                         past_key_values=out.past_key_values, **kwargs)
         return generated, surprises
