@@ -62,7 +62,7 @@ class MemoryConfig:
     max_steps: int = 40
     target_loss: float = 0.1
     min_prefix_tokens: int = 3
-    prefixes_per_step: int = 4
+    prefixes_per_step: int = 3
     learn_steps: int = 40
     familiarity_threshold: float = 0.5
     seed: int = 0

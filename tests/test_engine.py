@@ -1,0 +1,254 @@
+"""Behaviour of HybridTitansEngine on tiny random Llama, GPT-2 and Qwen2 models (seconds, no files)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from conftest import weights_hash
+from hf_titans import HybridTitansEngine, MemoryConfig
+
+FACT = "alpha beta gamma delta epsilon zeta eta theta"
+PROMPT = "alpha beta gamma"
+UNRELATED = ["The capital of France is", "Once upon a time there was", "Water boils at"]
+# Random tiny models are harder to steer than a trained LM: give them more steps.
+TINY = MemoryConfig(max_steps=80, learn_steps=80)
+
+
+@pytest.fixture
+def taught(tiny_lm):
+    model, tok = tiny_lm
+    engine = HybridTitansEngine(model, tok, TINY)
+    bare = {p: engine.generate(p, max_new_tokens=6, use_memory=False) for p in [PROMPT, *UNRELATED]}
+    report = engine.teach([FACT])
+    return engine, report, bare
+
+
+def test_teach_lowers_surprise_and_recalls(taught):
+    engine, report, bare = taught
+    fact = report.facts[0]
+    assert fact.written and fact.steps > 0
+    assert fact.surprise_after < 0.5 * fact.surprise_before
+    assert engine.surprise(FACT) == pytest.approx(fact.surprise_after, abs=1e-5)
+    out = engine.generate(PROMPT, max_new_tokens=6)
+    assert out.strip().startswith("delta"), out
+    assert out != bare[PROMPT]
+
+
+def test_unrelated_prompts_answer_exactly_as_bare_model(taught):
+    engine, _, bare = taught
+    for prompt in UNRELATED:
+        assert engine.familiarity(prompt) < engine.config.familiarity_threshold
+        assert engine.generate(prompt, max_new_tokens=6) == bare[prompt]
+
+
+def test_base_model_never_changes_and_is_outside_memory(tiny_llama):
+    model, tok = tiny_llama
+    before = weights_hash(model)
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    engine.generate(PROMPT, max_new_tokens=4, learn=True)
+    engine.generate(["Hello world", PROMPT], max_new_tokens=4)
+    assert weights_hash(model) == before
+    base_params = {id(p) for p in model.parameters()}
+    assert not any(id(p) in base_params for p in engine.memory.parameters())
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_memory_read_once_per_prompt(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    calls = []
+    original = engine.memory.read
+    monkeypatch.setattr(engine.memory, "read", lambda keys: calls.append(keys.shape[0]) or original(keys))
+    engine.generate(PROMPT, max_new_tokens=12)
+    assert calls == [1]
+
+
+def test_generation_features(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    greedy = engine.generate(PROMPT, max_new_tokens=5)
+    # GenerationConfig, beams, sampling (seeded), several return sequences
+    assert engine.generate(PROMPT, generation_config=GenerationConfig(max_new_tokens=5, do_sample=False,
+                                                                     pad_token_id=0)) == greedy
+    beams = engine.generate(PROMPT, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    assert isinstance(beams, list) and len(beams) == 2
+    torch.manual_seed(0)
+    s1 = engine.generate(PROMPT, max_new_tokens=5, do_sample=True, top_k=5)
+    torch.manual_seed(0)
+    assert engine.generate(PROMPT, max_new_tokens=5, do_sample=True, top_k=5) == s1
+
+    # streamer receives the generated tokens
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            pass
+
+    streamer = Collect()
+    out = engine.generate(PROMPT, max_new_tokens=5, streamer=streamer)
+    assert tok.decode(streamer.tokens, skip_special_tokens=True).endswith(out)
+
+    # stopping criteria stop early
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 2, dtype=torch.bool)
+
+    short = engine.generate(PROMPT, max_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert len(tok(short).input_ids) <= 3
+
+
+def test_batch_with_left_padding_matches_single_prompts(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    prompts = [PROMPT, "The capital of France is", "Hello"]
+    batch = engine.generate(prompts, max_new_tokens=5)
+    assert batch[0] == engine.generate(PROMPT, max_new_tokens=5)
+    bare_batch = engine.generate(prompts, max_new_tokens=5, use_memory=False)
+    direct = model.generate(**tok(prompts, return_tensors="pt", padding=True, padding_side="left"),
+                            max_new_tokens=5, pad_token_id=tok.pad_token_id, do_sample=False)
+    assert bare_batch == tok.batch_decode(direct[:, -5:], skip_special_tokens=True)
+
+
+def test_learn_while_generating_recalls_in_a_later_call(tiny_lm):
+    model, tok = tiny_lm
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.generate(FACT, learn=True, max_new_tokens=3)
+    first = engine.last_surprise[0]
+    assert first > engine.config.surprise_threshold
+    assert engine.updates > 0
+    assert engine.generate(PROMPT, max_new_tokens=3).strip().startswith("delta")
+    engine.generate(FACT, learn=True, max_new_tokens=3)
+    assert engine.last_surprise[0] < 0.5 * first  # the prefill now sees the memory's soft prompt
+    # a prompt below the surprise threshold is not written
+    calm = HybridTitansEngine(model, tok, TINY.replace(surprise_threshold=1e6))
+    calm.generate(FACT, learn=True, max_new_tokens=3)
+    assert calm.updates == 0 and calm.familiarity(PROMPT) < calm.config.familiarity_threshold
+
+
+def test_unsurprising_text_is_not_written(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, MemoryConfig(surprise_threshold=1e6))
+    report = engine.teach([FACT])
+    assert report.written == 0 and report.facts[0].steps == 0 and engine.updates == 0
+
+
+def test_reset_memory_forgets(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    fresh = copy.deepcopy(engine.memory.state_dict())
+    engine.teach([FACT])
+    engine.reset_memory()
+    for name, tensor in engine.memory.state_dict().items():
+        assert torch.equal(tensor, fresh[name]), name
+    assert engine.familiarity(PROMPT) < engine.config.familiarity_threshold
+
+
+def test_teaching_is_deterministic(tokenizer):
+    from conftest import make_model
+
+    states = []
+    for _ in range(2):
+        engine = HybridTitansEngine(make_model("llama", len(tokenizer)), tokenizer)
+        engine.teach([FACT, "Hello world, how are you?"])
+        states.append(engine.memory.state_dict())
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+
+
+@pytest.mark.parametrize("bad, error", [
+    ("", ValueError), ("   \n", ValueError), ([], ValueError), (["ok", 3], TypeError), (42, TypeError),
+    (None, TypeError), ("word " * 400, ValueError),
+])
+def test_bad_input_is_refused_and_memory_unchanged(tiny_llama, bad, error):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    before = copy.deepcopy(engine.memory.state_dict())
+    with pytest.raises(error):
+        engine.teach(bad)
+    with pytest.raises(error):
+        engine.generate(bad)
+    with pytest.raises(error):
+        engine.surprise(bad)
+    for name, tensor in engine.memory.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_non_finite_update_is_skipped_with_warning(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    before = copy.deepcopy(engine.memory.state_dict())
+    original = engine._token_nll
+    monkeypatch.setattr(engine, "_token_nll",
+                        lambda *a, **k: original(*a, **k) * (float("nan") if torch.is_grad_enabled() else 1.0))
+    with pytest.warns(UserWarning, match="non-finite"):
+        report = engine.teach([FACT], max_steps=3)
+    assert report.skipped_nonfinite == 3
+    for name, tensor in engine.memory.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_failed_teach_restores_memory(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    before = copy.deepcopy(engine.memory.state_dict())
+    calls = {"n": 0}
+    original = engine._step
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_step", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.teach(["Hello world, how are you?"])
+    for name, tensor in engine.memory.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_model_without_input_embeddings_is_refused(tiny_llama):
+    model, tok = tiny_llama
+
+    class NoEmbeddings(torch.nn.Module):
+        config = model.config
+
+        def generate(self):
+            pass
+
+        def get_input_embeddings(self):
+            return None
+
+    with pytest.raises(TypeError, match="input embeddings"):
+        HybridTitansEngine(NoEmbeddings(), tok)
+    with pytest.raises(TypeError, match="causal LM"):
+        HybridTitansEngine("gpt2", tok)
+    with pytest.raises(TypeError, match="MemoryConfig"):
+        HybridTitansEngine(model, tok, config={"lr": 1})
+
+
+def test_prompt_embeds_match_generate_inputs(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    plain = engine.prompt_embeds("Hello world")
+    assert torch.equal(plain, model.get_input_embeddings()(tok("Hello world", return_tensors="pt").input_ids)[0])
+    engine.teach([FACT])
+    embeds = engine.prompt_embeds(PROMPT)
+    n_tokens = len(tok(PROMPT).input_ids)
+    assert embeds.shape == (engine.config.n_memory_tokens + n_tokens, model.config.hidden_size)
+    out = model.generate(inputs_embeds=embeds[None], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert tok.decode(out[0], skip_special_tokens=True) == engine.generate(PROMPT, max_new_tokens=5)
