@@ -1,0 +1,138 @@
+"""``python -m hf_titans.bench edit|generate``: the benchmarks of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import MemoryConfig
+from .data import FORMATS, load_records
+from .edit import METHODS, SCHEDULES, EditSettings
+
+
+def load_model(name: str | None):
+    from ..base_model import load_base_model
+
+    return load_base_model(name)
+
+
+def _config(args) -> MemoryConfig:
+    import yaml
+
+    config = MemoryConfig.from_file(args.config) if args.config else MemoryConfig()
+    changes: dict[str, Any] = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = yaml.safe_load(value)
+    return config.replace(**changes) if changes else config
+
+
+def _environment(model, tokenizer) -> dict[str, Any]:
+    import transformers
+
+    return {"model": getattr(model.config, "name_or_path", type(model).__name__),
+            "model_class": type(model).__name__, "dtype": str(next(model.parameters()).dtype),
+            "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write(out: Path, results: dict, table: str, plot_fn) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    plot_fn(results, out / "results.png")
+    print(table)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+
+
+def cmd_edit(args) -> None:
+    from .edit import markdown_table, plot, run_edit
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    records = load_records(args.data, args.format, n=args.n, seed=args.seed if args.sample else None)
+    model, tokenizer = load_model(args.model)
+    settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=_config(args),
+                            context_budget=args.context_budget, lora_r=args.lora_r, lora_lr=args.lora_lr,
+                            lora_cap=args.lora_cap, seed_lr=args.seed_lr)
+    env = _environment(model, tokenizer)
+    start = time.perf_counter()
+    results = run_edit(model, tokenizer, records, methods, settings)
+    results = {"benchmark": "edit", **env, "data": str(args.data), "data_file": Path(args.data).name,
+               "format": args.format, "sampled": bool(args.sample), "config": settings.to_dict()["config"],
+               "wall_seconds": time.perf_counter() - start,
+               "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:]), **results}
+    _write(Path(args.out), results, markdown_table(results),
+           lambda r, p: plot(r, p, f"{Path(args.data).name}, {args.schedule}, n={results['n']}"))
+
+
+def cmd_generate(args) -> None:
+    from .generate import markdown_table, plot, run_generate
+
+    model, tokenizer = load_model(args.model)
+    env = _environment(model, tokenizer)
+    lengths = [int(x) for x in str(args.max_new_tokens).split(",")]
+    batches = [int(x) for x in str(args.batch_sizes).split(",")]
+    start = time.perf_counter()
+    results = run_generate(model, tokenizer, lengths, batches, repeats=args.repeats, config=_config(args))
+    results = {"benchmark": "generate", **env, "wall_seconds": time.perf_counter() - start,
+               "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:]), **results}
+    _write(Path(args.out), results, markdown_table(results), plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hf_titans.bench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="model folder or cached Hub id (default: embedded SmolLM2-135M)")
+    common.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
+    common.add_argument("--config", default=None, help="MemoryConfig YAML/JSON file (default: MemoryConfig())")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    e = sub.add_parser("edit", parents=[common], help="Rel/Gen/Loc and cost of teaching edits, per method")
+    e.add_argument("--data", required=True, help="zsRE or CounterFact JSONL file (read by path)")
+    e.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
+    e.add_argument("--n", type=int, default=100, help="number of records (the first n, or --sample)")
+    e.add_argument("--sample", action="store_true", help="a seeded random sample of n records instead of the first n")
+    e.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    e.add_argument("--schedule", choices=SCHEDULES, default="sequential")
+    e.add_argument("--stream", type=int, default=None,
+                   help="sequential: facts per stream T (reset between streams); default n")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--context-budget", type=int, default=1024, help="in_context: tokens of facts before a prompt")
+    e.add_argument("--lora-r", type=int, default=8)
+    e.add_argument("--lora-lr", type=float, default=1e-3)
+    e.add_argument("--lora-cap", type=int, default=100,
+                   help="lora_to_rel: at most this many passes per fact (sequential) or epochs (batch)")
+    e.add_argument("--seed-lr", type=float, default=EditSettings.seed_lr)
+    e.set_defaults(func=cmd_edit)
+
+    g = sub.add_parser("generate", parents=[common], help="tokens/s with the memory versus bare model.generate")
+    g.add_argument("--max-new-tokens", default="64,256", help="comma list of generation lengths")
+    g.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes")
+    g.add_argument("--repeats", type=int, default=3)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

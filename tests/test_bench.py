@@ -1,0 +1,128 @@
+"""The benchmark harness (hf_titans.bench): scoring that matches generation, and a smoke run of every method.
+
+The smoke test reads 5 records of the real dev data (skipped when ../shared/data is absent) and uses a tiny
+random model; it checks the harness works, not the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_titans import HybridTitansEngine, MemoryConfig
+from hf_titans.bench.data import EditRecord, load_records
+from hf_titans.bench.edit import EditSettings, PassCounter, markdown_table, plot, run_edit
+from hf_titans.bench.metrics import encode_prompt, encode_target, memory_soft_prompts, target_predictions
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "zsre_dev.jsonl").is_file(), reason="../shared/data is absent")
+
+FACT = "The secret project code is Omega-99."
+PROMPTS = ["The secret project code is", "The capital of France is", "Hello world, how"]
+
+
+def _first_token(tok, pred_ids):
+    return tok.decode([pred_ids[0]], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("gate", ["speaks", "silent", "mixed"])
+def test_teacher_forced_first_token_matches_generate(tiny_lm, gate):
+    """The first target prediction of the scorer is what greedy generation emits, with the memory speaking
+    (soft prompt from the prompt alone), silent, or speaking for some rows of a batch only."""
+    model, tok = tiny_lm
+    engine = HybridTitansEngine(model, tok, MemoryConfig(max_steps=3))
+    engine.teach([FACT])  # a few steps: the soft prompt is no longer the initial one
+    familiarity = engine.familiarity(PROMPTS)
+    if gate == "speaks":
+        engine.config.familiarity_threshold = min(familiarity) - 1.0
+    elif gate == "silent":
+        engine.config.familiarity_threshold = max(familiarity) + 1e-3
+    else:
+        engine.config.familiarity_threshold = sorted(familiarity)[1]
+    softs, _ = memory_soft_prompts(engine, PROMPTS, batch_size=len(PROMPTS))
+    speaking = [s is not None for s in softs]
+    assert {"speaks": all(speaking), "silent": not any(speaking), "mixed": any(speaking) and not all(speaking)}[gate]
+    # one prompt at a time, as the benchmark scores
+    for prompt in PROMPTS:
+        soft, _ = memory_soft_prompts(engine, [prompt])
+        (p,) = target_predictions(model, tok, [prompt], ["x y"], soft)
+        assert _first_token(tok, p) == engine.generate(prompt, max_new_tokens=1, do_sample=False), prompt
+    # a left-padded batch, gate and key read in the same batch as a batched generate reads them
+    preds = target_predictions(model, tok, PROMPTS, ["x y"] * len(PROMPTS), softs)
+    assert [_first_token(tok, p) for p in preds] == engine.generate(PROMPTS, max_new_tokens=1, do_sample=False)
+
+
+def test_teacher_forcing_scores_each_target_token(tiny_llama):
+    model, tok = tiny_llama
+    prompt, target = "The capital of France is", "Paris."
+    p, t = encode_prompt(tok, prompt), encode_target(tok, target)
+    ids = torch.tensor([p + t])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[0, len(p) - 1:-1].argmax(-1).tolist()
+    # batched with a longer row (left padding) gives the same predictions
+    got = target_predictions(model, tok, [prompt, "Once upon a time there was a king who"], [target, "lived"])
+    assert got[0] == expected and len(got[1]) == len(encode_target(tok, "lived"))
+
+
+def test_pass_counter_counts_grad_and_forward_passes(tiny_llama):
+    model, tok = tiny_llama
+    ids = torch.tensor([encode_prompt(tok, FACT)] * 3)
+    with PassCounter(model) as c:
+        with torch.no_grad():
+            model(input_ids=ids)
+        with torch.enable_grad():
+            model(input_ids=ids).logits.sum()
+    assert (c.fwd, c.fwd_bwd, c.rows, c.partial) == (1, 1, 3, 0)
+
+
+@needs_data
+@pytest.mark.parametrize("fmt,name", [("zsre", "zsre_dev.jsonl"), ("counterfact", "counterfact_dev.jsonl")])
+def test_readers(fmt, name):
+    records = load_records(DATA / name, fmt, n=5)
+    assert len(records) == 5 and all(isinstance(r, EditRecord) for r in records)
+    for r in records:
+        assert r.prompt and r.target and r.rephrase and r.loc_prompt and r.loc_answer
+        assert r.text == f"{r.prompt} {r.target}"
+
+
+@needs_data
+@pytest.mark.parametrize("schedule", ["sequential", "batch"])
+def test_smoke_all_methods_on_real_records(tiny_llama, tmp_path, schedule):
+    model, tok = tiny_llama
+    records = load_records(DATA / "zsre_dev.jsonl", "zsre", n=5)
+    settings = EditSettings(schedule=schedule, config=MemoryConfig(max_steps=4), lora_cap=4)
+    res = run_edit(model, tok, records, ["memory", "none", "in_context", "lora", "seed"], settings, log=lambda _: None)
+    assert set(res["methods"]) == {"memory", "none", "in_context", "lora", "lora_to_rel", "seed"}
+    assert res["base_unchanged"] is True
+    for name, e in res["methods"].items():
+        for key in ("rel", "gen", "loc"):
+            assert 0.0 <= e[key] <= 1.0, (name, key)
+        for key in ("teach_seconds", "llm_passes_per_fact", "peak_rss_mb"):
+            assert e[key] >= 0
+    none = res["methods"]["none"]
+    assert none["loc"] == 1.0 and none["llm_passes_per_fact"] == 0
+    mem = res["methods"]["memory"]
+    assert mem["llm_passes_per_fact"] > 0
+    # lora gets the memory's passes per fact
+    assert res["methods"]["lora"]["llm_passes_per_fact"] == pytest.approx(mem["llm_passes_per_fact"])
+    assert "| memory |" in markdown_table(res)
+    plot(res, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    json.dumps(res)
+
+
+@needs_data
+def test_cli_edit_writes_results(tmp_path, monkeypatch, tiny_llama):
+    from hf_titans.bench import __main__ as cli
+
+    model, tok = tiny_llama
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    out = tmp_path / "run"
+    cli.main(["edit", "--data", str(DATA / "counterfact_dev.jsonl"), "--format", "counterfact", "--n", "3",
+              "--methods", "memory,none", "--schedule", "sequential", "--out", str(out), "--set", "max_steps=2"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 3 and res["format"] == "counterfact" and set(res["methods"]) == {"memory", "none"}
+    assert (out / "results.png").is_file() and (out / "results.md").is_file()
