@@ -19,10 +19,11 @@ Memora        l2                    KL                               ``W <- c So
 ``forget = 1 - alpha_t`` so that every rule shares the meaning of ``forget`` in Titans eq. 13 (0 = no
 forgetting). ``eta`` is ``lr``. Both may be set per step from data, see :mod:`~hf_titans.memory.gates`.
 
-Equation numbers follow two independent transcriptions of arXiv 2504.13173v1 that agree (eqs. 24, 26, 27
-for the variants, 10-11 for l_p, 13-16 for Huber, 20-21 for KL retention); they could not be checked against
-the PDF, and the section of the variants (5.3, "Miras's Variants: Moneta, Yaad, and Memora") is the one
-number that a source quoting the PDF confirms.
+Equation numbers: two independent transcriptions of arXiv 2504.13173v1 agree on eqs. 10-11 (l_p), 24
+(Moneta), 26 (Yaad) and 27 (Memora); the Huber (13-16) and KL (19-21) numbers come from one of them only,
+and eq. 25 is the Moneta gradient in one and the smooth Sign/|x| approximations in the other. None could be
+checked against the PDF; the section of the variants (5.3, "Miras's Variants: Moneta, Yaad, and Memora") is
+confirmed by a source quoting the PDF.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def moneta_step(accumulator: Tensor, grad: Tensor, lr: float | Tensor, retain: f
                 q: float = 4.0, link: str = "mirror") -> tuple[Tensor, Tensor]:
     """One Moneta step (MIRAS eq. 24): ``A_t = alpha_t A_{t-1} - eta_t grad``; ``W_t = link_q(A_t)``.
 
-    ``grad`` is the gradient of the l_p attentional bias at ``W_{t-1}`` (eq. 25: ``p (Sign(e) |e|^(p-1)) k^T``
+    ``grad`` is the gradient of the l_p attentional bias at ``W_{t-1}`` (eq. 11 / 25: ``p (Sign(e) |e|^(p-1)) k^T``
     for a linear memory, with ``e = W k - v``). Returns ``(A_t, W_t)``.
     """
     a = retain * accumulator - lr * grad

@@ -15,10 +15,10 @@ This module holds both halves as plain functions of tensors:
   "linearised loss + retention" that turn them into update rules: :func:`l2_retention_update`
   (the forget gate) and :func:`kl_retention_update` / :func:`softmax_update` (Memora's softmax update).
 
-Equation numbers. Titans numbers were checked against the paper's text. For MIRAS the numbers given here
-(eqs. 10-11 l_p, 13-16 Huber, 20-21 KL retention, 24-27 the three variants) follow two independent
-transcriptions of arXiv 2504.13173v1 that agree with each other; they could not be checked against the PDF
-itself, so each MIRAS citation below also names the section or construct it comes from.
+Equation numbers. Titans and TTT numbers were checked against the papers' text. For MIRAS no copy of the
+paper was available: two independent transcriptions of arXiv 2504.13173v1 agree on eqs. 10-11 (l_p) and
+24, 26, 27 (the variants); the Huber numbers (13-16) and the KL ones (19-21) come from one transcription
+only. None could be checked against the PDF, so each MIRAS citation below also names the construct it is.
 
 No transformers imports here.
 """
@@ -52,8 +52,8 @@ def l2_loss(prediction: Tensor, target: Tensor) -> Tensor:
 def lp_loss(prediction: Tensor, target: Tensor, p: float = 3.0, eps: float = 0.0) -> Tensor:
     """``||M(k) - v||_p^p = sum_j |M(k)_j - v_j|^p`` per sample: the MIRAS l_p attentional bias (eq. 10).
 
-    Its gradient for a linear memory is ``p (Sign(W k - v) * |W k - v|^(p-1)) k^T`` (MIRAS eq. 11, and eq. 25
-    for Moneta, which uses ``p = 3``); autograd gives exactly that. ``eps > 0`` replaces ``|x|`` by the smooth
+    Its gradient for a linear memory is ``p (Sign(W k - v) * |W k - v|^(p-1)) k^T`` (MIRAS eq. 11; Moneta,
+    sec. 5.3, uses ``p = 3``); autograd gives exactly that. ``eps > 0`` replaces ``|x|`` by the smooth
     ``sqrt(x^2 + eps)`` that MIRAS suggests for small ``p`` (where ``|x|^(p-1)`` is not differentiable at 0);
     for ``p >= 2`` the loss is already smooth and ``eps = 0`` is exact.
     """
@@ -141,7 +141,8 @@ def lq_retention(weight: Tensor, q: float = 4.0) -> Tensor:
 
 
 def kl_retention(weight: Tensor, previous: Tensor, eta: Scalar, alpha: Scalar) -> Tensor:
-    """KL retention of Memora (MIRAS, f-divergence retention with ``f(x) = x log x``; eq. 20):
+    """KL retention of Memora (MIRAS, f-divergence retention with ``f(x) = x log x``; eqs. 19-21 in the
+    transcription, unverified):
 
         Ret(W, W_prev) = (1/eta) sum_jl W_jl log(W_jl / (W_prev)_jl) + (1/alpha) sum_jl W_jl log W_jl
 
