@@ -185,6 +185,10 @@ def test_segment_products_by_hand():
     x = T([2.0, 3.0, 5.0])
     # P[t, i] = prod_{i < j <= t} x_j
     close(segment_products(x), [[1.0, 0.0, 0.0], [3.0, 1.0, 0.0], [15.0, 5.0, 1.0]])
+    # with a zero factor (the exact masked-product path): P[1, 0] = 0, P[2, 0] = 0 * 0.25, P[2, 1] = 0.25
+    close(segment_products(T([0.5, 0.0, 0.25])), [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.25, 1.0]])
+    y = [0.9, 0.3, 0.7, 0.5]  # the log-space path, against explicit products
+    close(segment_products(T(y)), [[math.prod(y[i + 1: t + 1]) if i <= t else 0.0 for i in range(4)] for t in range(4)])
 
 
 def test_momentum_closed_form_eq14_vs_loop():

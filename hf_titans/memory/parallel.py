@@ -23,7 +23,7 @@ chunk" (the paper: "we focus on the first chunk, i.e. t = b and so t' = 0"); wit
 ``grad l(W_0; x_t) = (W_0 x_t - x_t) x_t^T`` with keys = values = ``x`` and without the factor 2 of the
 gradient of eq. 12; here keys and values are separate and the gradient is exactly ``2 (W k - v) k^T``.
 
-Products are taken directly (no ``beta_t / beta_s`` division), so ``eta_j = 0`` or ``alpha_j = 1`` are exact.
+Products are never formed as ``beta_t / beta_s`` divisions, so ``eta_j = 0`` or ``alpha_j = 1`` are exact.
 """
 
 from __future__ import annotations
@@ -48,14 +48,20 @@ class ChunkedResult(NamedTuple):
 def segment_products(x: Tensor) -> Tensor:
     """``P[t, i] = prod_{i < j <= t} x_j`` for ``i <= t`` (so ``P[t, t] = 1``), 0 above the diagonal.
 
-    ``x`` has shape ``(n,)``; the result ``(n, n)``. Computed as one masked product, without divisions.
+    ``x`` has shape ``(n,)``; the result ``(n, n)``. Without divisions: as ``exp`` of differences of cumulative
+    log-sums when every ``x_j > 0`` (``O(n^2)``), else as one masked product (``O(n^3)``, exact for zeros).
     """
     n = x.shape[0]
     idx = torch.arange(n, device=x.device)
+    lower = idx.view(1, n) <= idx.view(n, 1)  # i <= t
+    if bool((x > 0).all()):
+        logs = torch.cumsum(torch.log(x), 0)
+        diff = logs.view(n, 1) - logs.view(1, n)
+        return torch.exp(torch.where(lower, diff, torch.full_like(diff, -torch.inf)))
     t, i, j = idx.view(n, 1, 1), idx.view(1, n, 1), idx.view(1, 1, n)
     inside = (j > i) & (j <= t)
     factors = torch.where(inside, x.view(1, 1, n).expand(n, n, n), torch.ones((), dtype=x.dtype, device=x.device))
-    return factors.prod(-1) * (i <= t).squeeze(-1).to(x.dtype)
+    return factors.prod(-1) * lower.to(x.dtype)
 
 
 def momentum_closed_form(u: Tensor, eta: Tensor, theta: Tensor, s0: Tensor | None = None) -> Tensor:
