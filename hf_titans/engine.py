@@ -476,3 +476,51 @@ class HybridTitansEngine:
         generated = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask,
                                         past_key_values=out.past_key_values, **kwargs)
         return generated, surprises
+
+    # ------------------------------------------------------------------ persistence (hub.py)
+    def save_pretrained(self, save_directory: Any, save_taught_log: bool = False,
+                        base_model_revision: str | None = None) -> Any:
+        """Save the memory (weights, optimizer state, config, model card) to a folder, atomically.
+
+        ``save_taught_log=True`` also writes ``taught.jsonl`` with the taught texts (off by default: they can be
+        private). See :mod:`hf_titans.hub` for the layout. Returns the folder's path.
+        """
+        from . import hub
+
+        return hub.save_pretrained(self, save_directory, save_taught_log=save_taught_log,
+                                   base_model_revision=base_model_revision)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, name_or_path: Any, tokenizer: Any = None, revision: str | None = None,
+                        ignore_base_mismatch: bool = False, token: str | bool | None = None,
+                        cache_dir: Any = None, local_files_only: bool = False) -> "HybridTitansEngine":
+        """An engine around ``model`` with a saved memory: a local folder or a Hub repo id (``revision=...``).
+
+        Fails if ``model`` is not the base model the memory was written through (hidden size, embedding
+        fingerprint) unless ``ignore_base_mismatch=True``. ``tokenizer`` defaults to the model's own, if found.
+        """
+        from . import hub
+
+        return hub.from_pretrained(cls, model, name_or_path, tokenizer=tokenizer, revision=revision,
+                                   ignore_base_mismatch=ignore_base_mismatch, token=token, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str = "Upload hf_titans memory", revision: str | None = None,
+                    create_pr: bool = False, save_taught_log: bool = False) -> Any:
+        """Upload the memory to the Hub model repo ``repo_id`` (created if needed); returns the ``CommitInfo``."""
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision, create_pr=create_pr, save_taught_log=save_taught_log)
+
+    def load_memory(self, name_or_path: Any, revision: str | None = None, ignore_base_mismatch: bool = False,
+                    token: str | bool | None = None, cache_dir: Any = None, local_files_only: bool = False) -> None:
+        """Swap in a saved memory (folder or Hub repo id) without reloading the base model.
+
+        Takes the engine lock; if anything fails the engine keeps its current memory unchanged.
+        """
+        from . import hub
+
+        hub.load_memory(self, name_or_path, revision=revision, ignore_base_mismatch=ignore_base_mismatch,
+                        token=token, cache_dir=cache_dir, local_files_only=local_files_only)
