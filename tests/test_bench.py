@@ -93,7 +93,7 @@ def test_readers(fmt, name):
 def test_smoke_all_methods_on_real_records(tiny_llama, tmp_path, schedule):
     model, tok = tiny_llama
     records = load_records(DATA / "zsre_dev.jsonl", "zsre", n=5)
-    settings = EditSettings(schedule=schedule, config=MemoryConfig(max_steps=4), lora_cap=4)
+    settings = EditSettings(schedule=schedule, config=MemoryConfig(max_steps=2), lora_cap=2)
     res = run_edit(model, tok, records, ["memory", "none", "in_context", "lora", "seed"], settings, log=lambda _: None)
     assert set(res["methods"]) == {"memory", "none", "in_context", "lora", "lora_to_rel", "seed"}
     assert res["base_unchanged"] is True
@@ -126,3 +126,36 @@ def test_cli_edit_writes_results(tmp_path, monkeypatch, tiny_llama):
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 3 and res["format"] == "counterfact" and set(res["methods"]) == {"memory", "none"}
     assert (out / "results.png").is_file() and (out / "results.md").is_file()
+
+
+def test_generate_benchmark_runs(tiny_llama, tmp_path):
+    from hf_titans.bench.generate import markdown_table as gen_table, plot as gen_plot, run_generate
+
+    model, tok = tiny_llama
+    res = run_generate(model, tok, new_tokens=(3,), batch_sizes=(1, 2), repeats=1, config=MemoryConfig(max_steps=2),
+                       log=lambda _: None)
+    assert len(res["cases"]) == 4 and {c["gate"] for c in res["cases"]} == {"speaks", "silent"}
+    for c in res["cases"]:
+        assert c["ratio"] > 0 and c["bare_tokens_per_s"] > 0
+    assert "| speaks" in gen_table(res)
+    gen_plot(res, tmp_path / "gen.png")
+
+
+@needs_data
+def test_cli_split_run_and_merge(tmp_path, monkeypatch, tiny_llama):
+    """lora in a second process matches the memory's passes through --reference; merge joins the two."""
+    from hf_titans.bench import __main__ as cli
+
+    model, tok = tiny_llama
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    common = ["--data", str(DATA / "zsre_dev.jsonl"), "--n", "2", "--schedule", "sequential", "--set", "max_steps=2",
+              "--lora-cap", "2"]
+    cli.main(["edit", *common, "--methods", "memory", "--out", str(tmp_path / "a")])
+    cli.main(["edit", *common, "--methods", "lora", "--reference", str(tmp_path / "a" / "results.json"),
+              "--out", str(tmp_path / "b")])
+    cli.main(["merge", str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json"),
+              "--out", str(tmp_path / "m")])
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert list(res["methods"]) == ["memory", "lora", "lora_to_rel"]
+    assert res["methods"]["lora"]["llm_passes_per_fact"] == res["methods"]["memory"]["llm_passes_per_fact"]
+    assert len(res["merged_from"]) == 2

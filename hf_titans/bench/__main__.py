@@ -65,7 +65,7 @@ def cmd_edit(args) -> None:
     model, tokenizer = load_model(args.model)
     settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=_config(args),
                             context_budget=args.context_budget, lora_r=args.lora_r, lora_lr=args.lora_lr,
-                            lora_cap=args.lora_cap, seed_lr=args.seed_lr)
+                            lora_cap=args.lora_cap, seed_lr=args.seed_lr, reference=_reference(args.reference))
     env = _environment(model, tokenizer)
     start = time.perf_counter()
     results = run_edit(model, tokenizer, records, methods, settings)
@@ -75,6 +75,42 @@ def cmd_edit(args) -> None:
                "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:]), **results}
     _write(Path(args.out), results, markdown_table(results),
            lambda r, p: plot(r, p, f"{Path(args.data).name}, {args.schedule}, n={results['n']}"))
+
+
+def _reference(path: str | None) -> dict | None:
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "memory" not in data.get("methods", {}):
+        raise SystemExit(f"{path} has no memory entry to match lora to")
+    return {**data["methods"]["memory"], "source": str(path)}
+
+
+def cmd_merge(args) -> None:
+    """Combine edit runs of the same data, n, seed, schedule and model made by separate processes."""
+    from .edit import markdown_table, plot
+
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.results]
+    keys = ("data_file", "n", "seed", "schedule", "stream", "model", "config")
+    for p, part in zip(args.results[1:], parts[1:]):
+        for k in keys:
+            if part.get(k) != parts[0].get(k):
+                raise SystemExit(f"{p}: {k} differs from {args.results[0]} ({part.get(k)!r} != {parts[0].get(k)!r})")
+    merged = {k: v for k, v in parts[0].items() if k not in ("methods", "wall_seconds", "command", "started")}
+    merged["methods"] = {}
+    for part in parts:
+        for name, entry in part["methods"].items():
+            if name in merged["methods"]:
+                raise SystemExit(f"method {name} appears in more than one file")
+            merged["methods"][name] = entry
+    order = ["memory", "none", "in_context", "lora", "lora_to_rel", "seed"]
+    merged["methods"] = dict(sorted(merged["methods"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    merged["merged_from"] = [{"file": str(p), "command": part.get("command"), "started": part.get("started"),
+                              "wall_seconds": part.get("wall_seconds"), "methods": list(part["methods"])}
+                             for p, part in zip(args.results, parts)]
+    merged["base_unchanged"] = all(part.get("base_unchanged") for part in parts)
+    _write(Path(args.out), merged, markdown_table(merged),
+           lambda r, p: plot(r, p, f"{merged['data_file']}, {merged['schedule']}, n={merged['n']}"))
 
 
 def cmd_generate(args) -> None:
@@ -117,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-cap", type=int, default=100,
                    help="lora_to_rel: at most this many passes per fact (sequential) or epochs (batch)")
     e.add_argument("--seed-lr", type=float, default=EditSettings.seed_lr)
+    e.add_argument("--reference", default=None,
+                   help="results.json of a memory run on the same data: lora without memory in --methods matches it")
     e.set_defaults(func=cmd_edit)
+
+    m = sub.add_parser("merge", help="combine results.json files of one edit benchmark run in separate processes")
+    m.add_argument("results", nargs="+")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
 
     g = sub.add_parser("generate", parents=[common], help="tokens/s with the memory versus bare model.generate")
     g.add_argument("--max-new-tokens", default="64,256", help="comma list of generation lengths")
@@ -129,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     args.func(args)
 

@@ -21,6 +21,7 @@ call.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import math
 import random
@@ -489,10 +490,13 @@ class EditSettings:
     lora_default_passes: int = 10  # passes per fact for lora when memory is not run
     seed_lr: float = 0.05
     check_base: bool = True
+    reference: Optional[dict] = None  # a memory entry of an earlier results.json, for lora without memory
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["config"] = (self.config or MemoryConfig()).to_dict()
+        if self.reference is not None:
+            d["reference"] = {k: self.reference.get(k) for k in ("rel", "llm_passes_per_fact", "source")}
         return d
 
 
@@ -548,6 +552,13 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
     memory_rel: Optional[float] = None
     memory_steps: Optional[list[int]] = None
     memory_passes_total: Optional[int] = None
+    if s.reference is not None and "memory" not in names:  # lora matched to a memory run of another process
+        ref = s.reference
+        if len(ref["extra"]["fact_steps"]) != n and s.schedule == "sequential":
+            raise ValueError("the reference memory run taught a different number of facts")
+        memory_rel = ref["rel"]
+        memory_steps = list(ref["extra"]["fact_steps"])
+        memory_passes_total = int(ref["passes"]["fwd_bwd"])
     for name in names:
         torch.manual_seed(s.seed)
         with PeakRSS() as rss:
@@ -613,7 +624,8 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
             "llm_forward_only_per_fact": counter.fwd / n,
             "llm_key_passes_per_fact": counter.partial / n,
             "llm_rows_per_fact": counter.rows / n,
-            "peak_rss_mb": rss.peak, "rss_before_mb": rss.start,
+            "passes": counter.to_dict(),
+            "peak_rss_mb": rss.peak, "rss_before_mb": rss.start, "rss_growth_mb": rss.peak - rss.start,
             "artifact_bytes": method.artifact_bytes(),
             "rel_by_age": _age_buckets(rel, order_in_stream, stream),
             "extra": method.extra(),
@@ -627,6 +639,7 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
             memory_steps = list(method.fact_steps)
             memory_passes_total = counter.fwd_bwd
         del method
+        gc.collect()
     base_unchanged = None
     if digest is not None:
         base_unchanged = weights_digest(model) == digest
