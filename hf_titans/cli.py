@@ -376,12 +376,16 @@ def _config_diff(a, b) -> list[str]:
 
 
 def open_engine(out: Output, memory: Path, model: str | None, config_path: Path | None = None,
-                create: bool = False, ignore_base_mismatch: bool = False):
+                create: bool = False, ignore_base_mismatch: bool = False, from_hub: bool = False):
     """Load the memory in ``memory`` (or start a new one when ``create``) onto its base model.
+
+    With ``from_hub``, a ``memory`` that is no local folder but looks like ``user/name`` is a Hub repo.
 
     Returns ``(engine, created)``.
     """
     config = _load_config(config_path)
+    if from_hub and not memory.exists() and _looks_like_repo_id(str(memory)):
+        return _open_hub_engine(out, str(memory), model, ignore_base_mismatch), False
     info = _read_memory_config(memory)
     if info is None and not create:
         raise CliError(f"no memory at {str(memory)!r}; create one with: hf-titans teach \"...\" --memory {memory}")
@@ -403,11 +407,51 @@ def open_engine(out: Output, memory: Path, model: str | None, config_path: Path 
             engine = HybridTitansEngine.from_pretrained(base_model, str(memory), tokenizer=tokenizer,
                                                         ignore_base_mismatch=ignore_base_mismatch)
         except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-            raise CliError(f"cannot load the memory {str(memory)!r}: {err}") from None
+            raise CliError(f"cannot load the memory {str(memory)!r}: {_cli_words(err)}") from None
         created = False
     out.info(f"[dim]{'new' if created else 'loaded'} memory {memory} on {base or 'SmolLM2-135M-Instruct'} "
              f"({time.perf_counter() - start:.1f} s)[/dim]")
     return engine, created
+
+
+def _cli_words(err: Exception) -> str:
+    """A library message in the command line's terms (its keyword arguments are options here)."""
+    return str(err).replace("ignore_base_mismatch=True", "--ignore-base-mismatch")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _open_hub_engine(out: Output, repo_id: str, model: str | None, ignore_base_mismatch: bool):
+    """A memory from a Hub repo (downloaded into the Hub cache), on ``model`` or the base model it records."""
+    from . import hub
+    from .engine import HybridTitansEngine
+
+    try:
+        with _status(out, f"downloading {repo_id}"):
+            checkpoint = hub.load_checkpoint(repo_id)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"no local memory folder {repo_id!r}, and no usable Hub memory there: {err}") from None
+    base = model if model is not None else (checkpoint.base_model["name_or_path"] or None)
+    with _status(out, f"loading base model {base or 'SmolLM2-135M-Instruct (embedded)'}"):
+        base_model, tokenizer = _load_base(base)
+    try:
+        engine = HybridTitansEngine.from_pretrained(base_model, repo_id, tokenizer=tokenizer,
+                                                    ignore_base_mismatch=ignore_base_mismatch)
+    except (ValueError, FileNotFoundError) as err:
+        raise CliError(f"cannot load the memory {repo_id!r}: {_cli_words(err)}") from None
+    out.info(f"[dim]loaded memory {repo_id} from the Hub on {base or 'SmolLM2-135M-Instruct'}[/dim]")
+    return engine
 
 
 @contextmanager
@@ -560,7 +604,8 @@ def ask(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="The prompt to complete.", show_default=False)],
     memory: Annotated[Optional[Path], typer.Option(
-        "--memory", "-m", help="The memory folder (may be left out with --no-memory).", show_default=False)] = None,
+        "--memory", "-m", help="The memory folder, or a Hub repo USER/NAME (may be left out with --no-memory).",
+        show_default=False)] = None,
     no_memory: Annotated[bool, typer.Option("--no-memory", help="The bare base model's answer, for comparison.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 32,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
@@ -585,7 +630,7 @@ def ask(
             base_model, tokenizer = _load_base(model)
         engine = HybridTitansEngine(base_model, tokenizer)
     else:
-        engine, _ = open_engine(out, memory, model, ignore_base_mismatch=ignore_base_mismatch)
+        engine, _ = open_engine(out, memory, model, ignore_base_mismatch=ignore_base_mismatch, from_hub=True)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs["temperature"] = temperature
@@ -775,15 +820,8 @@ def push(
 ) -> None:
     """Upload a memory folder to the Hugging Face Hub (it is loaded onto its base model and checked first)."""
     out = _state(ctx, json_output, quiet)
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        if repo.count("/") != 1:
-            raise HFValidationError("expected USER/NAME")
-        validate_repo_id(repo)
-    except HFValidationError as err:
-        raise CliError(f"--repo must be a Hub repository id USER/NAME, got {repo!r} ({err})") from None
+    if not _looks_like_repo_id(repo):
+        raise CliError(f"--repo must be a Hub repository id USER/NAME (letters, digits, '-', '_', '.'), got {repo!r}")
     info = _read_memory_config(memory)
     if info is None:
         raise CliError(f"no memory at {str(memory)!r}")
