@@ -1,0 +1,73 @@
+"""The memory rides on the bases users already run: bf16/fp16, PEFT adapters, accelerate offload, bitsandbytes."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import make_model, weights_hash
+from hf_titans import HybridTitansEngine, MemoryConfig
+
+FACT = "alpha beta gamma delta epsilon zeta eta theta"
+PROMPT = "alpha beta gamma"
+TINY = MemoryConfig(max_steps=80)
+
+
+def _teach_and_recall(model, tok):
+    engine = HybridTitansEngine(model, tok, TINY)
+    bare = engine.generate("The capital of France is", max_new_tokens=4)
+    report = engine.teach([FACT])
+    assert report.facts[0].surprise_after < 0.5 * report.facts[0].surprise_before
+    for tensor in engine.memory.state_dict().values():
+        assert torch.isfinite(tensor).all() and tensor.dtype == torch.float32
+    assert engine.generate(PROMPT, max_new_tokens=3).strip().startswith("delta")
+    assert engine.generate("The capital of France is", max_new_tokens=4) == bare
+    return engine
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_base_with_fp32_memory(tokenizer, dtype):
+    model = make_model("llama", len(tokenizer)).to(dtype)
+    before = weights_hash(model)
+    _teach_and_recall(model, tokenizer)
+    assert weights_hash(model) == before
+
+
+def test_peft_wrapped_base_keeps_adapter_frozen(tokenizer):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("llama", len(tokenizer)),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    before = weights_hash(model)
+    _teach_and_recall(model, tokenizer)
+    assert weights_hash(model) == before
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_accelerate_device_map_with_disk_offload(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "base")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    engine = _teach_and_recall(model, tokenizer)
+    # Same outputs as without the device map (the memory is read the same way on both).
+    twin = HybridTitansEngine(plain, tokenizer, TINY)
+    twin.memory.load_state_dict(engine.memory.state_dict())
+    assert twin.generate(PROMPT, max_new_tokens=3) == engine.generate(PROMPT, max_new_tokens=3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_bitsandbytes_quantized_base(tokenizer, tmp_path, mode):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "base")
+    quant = (BitsAndBytesConfig(load_in_8bit=True) if mode == "8bit"
+             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)
+    _teach_and_recall(model, tokenizer)
