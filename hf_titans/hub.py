@@ -23,6 +23,8 @@ written to a temporary folder beside the target, which is then renamed into plac
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -233,10 +236,26 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
-def _skeleton(config: MemoryConfig, hidden_size: int) -> NeuralMemory:
-    """A NeuralMemory with the right architecture and no storage (its tensors come from a checkpoint)."""
+@functools.lru_cache(maxsize=8)
+def _meta_memory(config_items: tuple, hidden_size: int) -> NeuralMemory:
     with torch.device("meta"):
-        return NeuralMemory(config, hidden_size)
+        return NeuralMemory(MemoryConfig.from_dict(dict(config_items)), hidden_size)
+
+
+def _architecture(config: MemoryConfig, hidden_size: int) -> NeuralMemory:
+    """A shared, storage-less NeuralMemory for ``config`` (read it, never change it)."""
+    return _meta_memory(tuple(sorted(config.to_dict().items())), int(hidden_size))
+
+
+def _skeleton(config: MemoryConfig, hidden_size: int) -> NeuralMemory:
+    """A NeuralMemory with the right architecture and no storage (its tensors come from a checkpoint).
+
+    Built on the meta device once per (config, hidden size) and deep-copied: building one is deterministic given
+    those two, and copying a storage-less module is much cheaper than running its initialisation again.
+    """
+    memory = copy.deepcopy(_architecture(config, hidden_size))
+    memory.config = config  # the very object the engine holds, as when the engine builds its memory
+    return memory
 
 
 def _expected_tensors(memory: nn.Module, precondition: bool) -> tuple[dict[str, tuple], dict[str, list[str]]]:
@@ -303,7 +322,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple],
         shape, dtype = expected[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             problems.append(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
-        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        elif tensor.is_floating_point() and not np.isfinite(tensor.numpy()).all():  # numpy: no thread pool
             problems.append(f"tensor {name!r} holds NaN or infinite values")
         elif name.startswith(OPTIMIZER_PREFIX) and name.endswith(".step") and int(tensor) < 1:
             problems.append(f"tensor {name!r} must be >= 1, got {int(tensor)}")
@@ -327,8 +346,9 @@ class MemoryCheckpoint:
     source: str
     hf_titans_version: str
 
-    def build_memory(self, device: Union[str, torch.device] = "cpu") -> NeuralMemory:
-        """A NeuralMemory holding the checkpoint's tensors (on ``device``)."""
+    def _build_memory(self, device: Union[str, torch.device] = "cpu") -> NeuralMemory:
+        """A NeuralMemory holding the checkpoint's tensors (on ``device``; on the same device they are not
+        copied but handed over, so build from a checkpoint once)."""
         memory = _skeleton(self.config, self.base_model["hidden_size"])
         state = {k: v.to(device) for k, v in self.memory_state.items()}
         memory.load_state_dict(state, strict=True, assign=True)
@@ -373,7 +393,7 @@ def read_checkpoint(config_path: PathLike, files: Optional[dict[str, Path]] = No
     weights = _regular_file(files.get(names["weights"], config_path.parent / names["weights"]), source, "weights file")
     tensors = _load_safetensors(weights, source)
     config: MemoryConfig = data["memory_config"]
-    expected, optimizer_keys = _expected_tensors(_skeleton(config, data["base_model"]["hidden_size"]),
+    expected, optimizer_keys = _expected_tensors(_architecture(config, data["base_model"]["hidden_size"]),
                                                  config.precondition)
     _check_tensors(tensors, expected, optimizer_keys, source)
     memory_state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
@@ -460,12 +480,15 @@ def _download_checkpoint(repo_id: str, revision: Optional[str], token: Union[str
 
 
 # ---------------------------------------------------------------------------------------------------- engine side
-def install(engine: "HybridTitansEngine", checkpoint: MemoryCheckpoint, ignore_base_mismatch: bool = False,
-            check_base: bool = True) -> None:
-    """Put a checkpoint's memory, optimizer state and counters into ``engine`` (all or nothing)."""
+def _install(engine: "HybridTitansEngine", checkpoint: MemoryCheckpoint, ignore_base_mismatch: bool = False,
+             check_base: bool = True) -> None:
+    """Put a checkpoint's memory, optimizer state and counters into ``engine`` (all or nothing).
+
+    The checkpoint's tensors are handed over, not copied: install a checkpoint into one engine only.
+    """
     if check_base:
         check_base_model(checkpoint.base_model, engine.model, ignore_base_mismatch, source=repr(checkpoint.source))
-    memory = checkpoint.build_memory(engine.device)
+    memory = checkpoint._build_memory(engine.device)
     old = (engine.config, engine.memory, engine.optimizer)
     try:
         engine.config, engine.memory = checkpoint.config, memory
@@ -473,7 +496,7 @@ def install(engine: "HybridTitansEngine", checkpoint: MemoryCheckpoint, ignore_b
         params = dict(memory.named_parameters())
         for name, state in checkpoint.optimizer_state.items():
             engine.optimizer.state[params[name]] = {
-                k: (v if k == "step" else v.to(engine.device, copy=True)) for k, v in state.items()}
+                k: (v if k == "step" else v.to(engine.device)) for k, v in state.items()}
     except BaseException:
         engine.config, engine.memory, engine.optimizer = old
         raise
@@ -488,7 +511,7 @@ def load_memory(engine: "HybridTitansEngine", name_or_path: PathLike, revision: 
     """Replace ``engine``'s memory with a saved one; the base model stays loaded. On error nothing changes."""
     checkpoint = load_checkpoint(name_or_path, revision, token, cache_dir, local_files_only)
     with engine._lock:
-        install(engine, checkpoint, ignore_base_mismatch)
+        _install(engine, checkpoint, ignore_base_mismatch)
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -520,7 +543,7 @@ def from_pretrained(cls: type, model: nn.Module, name_or_path: PathLike, tokeniz
         tokenizer = _default_tokenizer(model)
     engine = cls(model, tokenizer, checkpoint.config)
     with engine._lock:
-        install(engine, checkpoint, check_base=False)  # checked above, before building the engine
+        _install(engine, checkpoint, check_base=False)  # checked above, before building the engine
     return engine
 
 

@@ -669,6 +669,7 @@ def test_smollm2_round_trip_in_a_fresh_process(smollm2, tmp_path):
     engine.teach(facts)
     before = {"answers": engine.generate(prompts, max_new_tokens=12, do_sample=False),
               "surprise": engine.surprise(facts), "familiarity": engine.familiarity(prompts)}
+    assert min(before["familiarity"][:2]) >= engine.config.familiarity_threshold  # the memory speaks for them
     folder = engine.save_pretrained(tmp_path / "smollm2-memory")
     size = (folder / "model.safetensors").stat().st_size
     assert size <= 10_000_000, f"model.safetensors is {size / 1e6:.2f} MB"
