@@ -21,6 +21,7 @@ from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import MemoryConfig
 from .injection import hidden_at_layer, input_embeddings, join_soft_prompts, prefix_means
@@ -56,6 +57,7 @@ class FactReport:
     steps: int
     written: bool
     familiarity: float = float("nan")
+    history: list[float] = field(default_factory=list)  # loss with the memory at each update step
 
 
 @dataclass
@@ -268,23 +270,38 @@ class HybridTitansEngine:
             values = [float(v) for v in self.memory.familiarity(self._keys(ids, mask)[:, -1])]
         return values[0] if isinstance(text, str) else values
 
-    def teach(self, facts: Union[str, Sequence[str]], max_steps: int | None = None) -> TeachReport:
+    def teach(self, facts: Union[str, Sequence[str]], max_steps: int | None = None,
+              progress: bool = False) -> TeachReport:
         """Write texts into the memory by test-time gradient descent through the frozen model.
 
         Each text whose surprise is at least ``config.surprise_threshold`` is written with the Titans update
         (momentum over surprise, forgetting; eqs. 13-14) until its loss with the memory falls below
         ``config.target_loss`` or ``max_steps`` (default ``config.max_steps``) steps are taken. Texts of one
         call are interleaved, so later ones do not overwrite earlier ones. If anything fails, the memory is
-        left exactly as it was before the call.
+        left exactly as it was before the call. ``progress=True`` shows a tqdm bar over update rounds; each
+        fact's loss per step is in ``report.facts[i].history``.
         """
         texts = self._check_texts(facts, "facts")
         steps = self.config.max_steps if max_steps is None else int(max_steps)
         if steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {steps}")
         with self._lock:
-            return self._write(texts, steps)
+            return self._write(texts, steps, progress=progress)
 
-    def _write(self, texts: list[str], max_steps: int) -> TeachReport:
+    def read(self, document: str, chunk_tokens: int = 512, **kwargs: Any):
+        """Read a document longer than the context window, chunk by chunk, and write what surprises it.
+
+        One forward pass per chunk gives each token's surprise; the chunk's most surprising sentences (at least
+        ``config.read_surprise_threshold``) are written into the memory, the rest is only read. Returns a
+        :class:`~hf_titans.reading.ReadStats`; keywords go to :func:`hf_titans.reading.read_document`
+        (``context_tokens``, ``max_steps``, ``max_span_tokens``, ``progress``). See docs/reading.md.
+        """
+        from .reading import read_document
+
+        with self._lock:
+            return read_document(self, document, chunk_tokens=chunk_tokens, **kwargs)
+
+    def _write(self, texts: list[str], max_steps: int, progress: bool = False) -> TeachReport:
         cfg = self.config
         start = time.perf_counter()
         snapshot = self._snapshot()
@@ -302,18 +319,24 @@ class HybridTitansEngine:
                 prefixes.append(torch.arange(lo, t, device=self.device))
             todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
             steps = [0] * len(texts)
+            histories: list[list[float]] = [[] for _ in texts]
             gen = torch.Generator().manual_seed(cfg.seed + self.updates)
+            bar = tqdm(total=max_steps if todo else 0, desc="teaching", unit="round", disable=not progress)
             # Rounds over all surprising texts until every one is written: a text that finished early keeps
             # being rehearsed, so the updates for the others do not overwrite it.
-            for _ in range(max_steps if todo else 0):
-                finished: list[int] = []
-                for group_start in range(0, len(todo), 4):
-                    group = todo[group_start:group_start + 4]
-                    finished += self._step(ids, mask, keys, prefixes, group, gen, report)
-                    for i in group:
-                        steps[i] += 1
-                if len(finished) == len(todo):
-                    break
+            with bar:
+                for _ in range(max_steps if todo else 0):
+                    finished: list[int] = []
+                    for group_start in range(0, len(todo), 4):
+                        group = todo[group_start:group_start + 4]
+                        finished += self._step(ids, mask, keys, prefixes, group, gen, report, histories)
+                        for i in group:
+                            steps[i] += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{max(histories[i][-1] for i in todo):.3f}" if histories[todo[0]] else "-",
+                                    written=f"{len(finished)}/{len(todo)}")
+                    if len(finished) == len(todo):
+                        break
             with torch.no_grad():
                 after, familiarity = self._gated_nll(ids, mask)
         except BaseException:
@@ -322,13 +345,13 @@ class HybridTitansEngine:
         for i, text in enumerate(texts):
             written = steps[i] > 0
             report.facts.append(FactReport(text, float(before[i]), float(after[i]), steps[i], written,
-                                           float(familiarity[i])))
+                                           float(familiarity[i]), histories[i]))
             if written:
                 self.taught.append(text)
         report.seconds = time.perf_counter() - start
         return report
 
-    def _step(self, ids, mask, keys, prefixes, group, gen, report) -> list[int]:
+    def _step(self, ids, mask, keys, prefixes, group, gen, report, histories) -> list[int]:
         """One Titans update on a group of texts, each read from a few of its prefixes in one batched pass."""
         cfg = self.config
         rows, row_keys, owners, after = [], [], [], []
@@ -366,6 +389,8 @@ class HybridTitansEngine:
             return []
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
+        for i in group:  # the whole-text row comes first for each text
+            histories[i].append(float(nll.detach()[owners.index(i)]))
         finished = []
         owner_t = torch.tensor(owners)
         for i in group:
