@@ -104,7 +104,7 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only results and errors.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages: only errors and answers.")]
 MemoryOpt = Annotated[Path, typer.Option("--memory", "-m", help="The memory folder (created if new).",
                                          show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -533,25 +533,24 @@ def teach(
 
     total = TeachReport()
     interrupted = False
-    progress = _progress(out)
-    with progress:
-        task = progress.add_task("teaching", total=len(texts))
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            try:
-                report = engine.teach(batch, max_steps=max_steps)
-            except KeyboardInterrupt:
-                interrupted = True
-                break
-            except ValueError as err:  # e.g. a fact longer than the context window
-                raise CliError(f"facts {start + 1}-{start + len(batch)}: {err}; nothing was saved") from None
-            total.facts += report.facts
-            total.seconds += report.seconds
-            total.skipped_nonfinite += report.skipped_nonfinite
-            if out.chatty:
-                for fact in report.facts:
-                    progress.console.print(_fact_line(fact), highlight=False)
-            progress.advance(task, len(batch))
+    batches = range(0, len(texts), batch_size)
+    for number, start in enumerate(batches, 1):
+        batch = texts[start:start + batch_size]
+        if len(batches) > 1:
+            out.info(f"[bold]batch {number}/{len(batches)}[/bold]: facts {start + 1}-{start + len(batch)} "
+                     f"of {len(texts)}")
+        try:  # the engine's progress bar (tqdm, stderr) counts update rounds and shows the worst loss
+            report = engine.teach(batch, max_steps=max_steps, progress=out.chatty)
+        except KeyboardInterrupt:
+            interrupted = True
+            break
+        except ValueError as err:  # e.g. a fact longer than the context window
+            raise CliError(f"facts {start + 1}-{start + len(batch)}: {err}; nothing was saved") from None
+        total.facts += report.facts
+        total.seconds += report.seconds
+        total.skipped_nonfinite += report.skipped_nonfinite
+        for fact in report.facts:
+            out.info(_fact_line(fact))
     if interrupted and not total.facts:
         out.error("interrupted before any fact was taught; the memory folder is as it was", EXIT_INTERRUPTED)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -575,13 +574,6 @@ def teach(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _progress(out: Output):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=out.err, disable=not out.chatty, transient=False)
-
-
 def _fact_line(fact) -> str:
     from rich.markup import escape
 
@@ -594,7 +586,8 @@ def _fact_line(fact) -> str:
 def _fact_dict(fact) -> dict[str, Any]:
     return {"text": fact.text, "surprise_before": _finite(fact.surprise_before),
             "surprise_after": _finite(fact.surprise_after), "steps": fact.steps, "written": fact.written,
-            "familiarity": _finite(fact.familiarity)}
+            "familiarity": _finite(fact.familiarity),
+            "history": [_finite(v) for v in getattr(fact, "history", [])]}
 
 
 # ---------------------------------------------------------------------------------------------- ask
@@ -798,7 +791,8 @@ def _describe_text(data: dict[str, Any]) -> str:
         f"hf_titans       {data['hf_titans_version']} (format {data['format_version']})",
         "config",
     ]
-    lines += [f"  {k:22s} {v}" for k, v in cfg.items()]
+    width = max(map(len, cfg))
+    lines += [f"  {k:{width}s} {v}" for k, v in cfg.items()]
     return "\n".join(lines)
 
 

@@ -231,7 +231,7 @@ def test_plain_output_stream_and_inspect(taught):
     assert info["base_model"]["hidden_size"] == 64 and info["memory_values"] > 0
     assert info["bytes"] == sum(info["files"].values())
     text = _invoke(["inspect", "--memory", memory]).stdout
-    assert "taught          1 texts" in text and "lr                     0.01" in text
+    assert "taught          1 texts" in text and "\n  lr " in text and " 0.01\n" in text
 
 
 def test_chat_learns_and_saves_on_exit(work, tiny_dir, preset):
