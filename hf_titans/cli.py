@@ -123,15 +123,19 @@ def _state(ctx: typer.Context, json_output: bool = False, quiet: bool = False) -
     return out
 
 
-@app.callback()
-def _main(ctx: typer.Context, json_output: JsonOpt = False, quiet: QuietOpt = False,
-          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library warnings.")] = False,
-          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
         print(__version__)
         raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _main(ctx: typer.Context, json_output: JsonOpt = False, quiet: QuietOpt = False,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library warnings.")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_print_version)] = False) -> None:
     ctx.obj = Output(json=json_output, quiet=quiet, debug=debug)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
