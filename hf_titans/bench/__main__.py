@@ -45,7 +45,22 @@ def _environment(model, tokenizer) -> dict[str, Any]:
             "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_git()}
+
+
+def _git() -> dict[str, Any]:
+    """The code the run used: commit and the files that differed from it (runs are only as clean as this)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_modified": [line[3:] for line in dirty if line.strip()]}
 
 
 def _write(out: Path, results: dict, table: str, plot_fn) -> None:
@@ -91,12 +106,17 @@ def cmd_merge(args) -> None:
     from .edit import markdown_table, plot
 
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.results]
-    keys = ("data_file", "n", "seed", "schedule", "stream", "model", "config")
+    keys = ("data_file", "n", "seed", "schedule", "stream", "model")
     for p, part in zip(args.results[1:], parts[1:]):
         for k in keys:
             if part.get(k) != parts[0].get(k):
                 raise SystemExit(f"{p}: {k} differs from {args.results[0]} ({part.get(k)!r} != {parts[0].get(k)!r})")
-    merged = {k: v for k, v in parts[0].items() if k not in ("methods", "wall_seconds", "command", "started")}
+    # the memory config matters only to the memory (lora copies its passes from the --reference file)
+    memory_parts = [p for p in parts if "memory" in p["methods"]]
+    if len(memory_parts) > 1:
+        raise SystemExit("more than one file has a memory entry")
+    first = memory_parts[0] if memory_parts else parts[0]
+    merged = {k: v for k, v in first.items() if k not in ("methods", "wall_seconds", "command", "started")}
     merged["methods"] = {}
     for part in parts:
         for name, entry in part["methods"].items():
@@ -106,7 +126,8 @@ def cmd_merge(args) -> None:
     order = ["memory", "none", "in_context", "lora", "lora_to_rel", "seed"]
     merged["methods"] = dict(sorted(merged["methods"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     merged["merged_from"] = [{"file": str(p), "command": part.get("command"), "started": part.get("started"),
-                              "wall_seconds": part.get("wall_seconds"), "methods": list(part["methods"])}
+                              "wall_seconds": part.get("wall_seconds"), "methods": list(part["methods"]),
+                              "git_commit": part.get("git_commit"), "git_modified": part.get("git_modified")}
                              for p, part in zip(args.results, parts)]
     merged["base_unchanged"] = all(part.get("base_unchanged") for part in parts)
     _write(Path(args.out), merged, markdown_table(merged),

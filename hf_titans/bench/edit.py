@@ -233,6 +233,7 @@ class MemoryMethod(Method):
         for key in self.speaks:
             out[f"speaks_{key}"] = mean([float(s) for s in self.speaks[key]])
             out[f"familiarity_{key}"] = mean(self.familiarity[key])
+        out["per_record_familiarity"] = {k: [round(f, 4) for f in v] for k, v in self.familiarity.items()}
         return out
 
 
