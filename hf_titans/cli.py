@@ -838,6 +838,14 @@ def push(
                 "commit_url": getattr(commit, "commit_url", None)}, f"pushed {memory} to {url}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def serve(ctx: typer.Context) -> None:
+    """Serve memories on vLLM behind an OpenAI-compatible front (`hf-titans serve --help`; needs the serve extra)."""
+    from .serving.server import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
+
+
 def main() -> None:
     """The ``hf-titans`` console script."""
     app()
