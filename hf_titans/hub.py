@@ -302,6 +302,12 @@ def _load_safetensors(path: Path, source: str) -> dict[str, torch.Tensor]:
                          "safetensors only and never unpickles") from err
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.numpy()).all())  # numpy: no intra-op thread pool to wait on
+    return bool(torch.isfinite(tensor).all())
+
+
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], optimizer: dict[str, list[str]],
                    source: str) -> None:
     missing = sorted(k for k in expected if k not in tensors and not k.startswith(OPTIMIZER_PREFIX))
@@ -322,7 +328,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple],
         shape, dtype = expected[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             problems.append(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
-        elif tensor.is_floating_point() and not np.isfinite(tensor.numpy()).all():  # numpy: no thread pool
+        elif tensor.is_floating_point() and not _all_finite(tensor):
             problems.append(f"tensor {name!r} holds NaN or infinite values")
         elif name.startswith(OPTIMIZER_PREFIX) and name.endswith(".step") and int(tensor) < 1:
             problems.append(f"tensor {name!r} must be >= 1, got {int(tensor)}")

@@ -671,11 +671,22 @@ def test_smollm2_round_trip_in_a_fresh_process(smollm2, tmp_path):
               "surprise": engine.surprise(facts), "familiarity": engine.familiarity(prompts)}
     assert min(before["familiarity"][:2]) >= engine.config.familiarity_threshold  # the memory speaks for them
     folder = engine.save_pretrained(tmp_path / "smollm2-memory")
-    size = (folder / "model.safetensors").stat().st_size
-    assert size <= 10_000_000, f"model.safetensors is {size / 1e6:.2f} MB"
     after = _run_fresh_process(SMOLLM2_FRESH.format(folder=str(folder), prompts=prompts, facts=facts),
                                dict(os.environ))
     assert after["answers"] == before["answers"]
     assert after["updates"] == engine.updates
     assert after["surprise"] == pytest.approx(before["surprise"], abs=1e-6)
     assert after["familiarity"] == pytest.approx(before["familiarity"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_default_artifact_is_at_most_10_mb(smollm2, tmp_path):
+    """Issue 3's size target, with the optimizer state filled (one update step fills every tensor of it)."""
+    model, tokenizer = smollm2
+    engine = HybridTitansEngine(model, tokenizer)
+    engine.teach(["The secret project code is Omega-99."], max_steps=1)
+    folder = engine.save_pretrained(tmp_path / "memory")
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    largest = sorted(((t.numel() * t.element_size(), n) for n, t in load_file(folder / "model.safetensors").items()),
+                     reverse=True)[:4]
+    assert sum(sizes.values()) <= 10_000_000, f"artifact {sum(sizes.values()) / 1e6:.2f} MB; largest {largest}"
