@@ -73,7 +73,7 @@ def _write(out: Path, results: dict, table: str, plot_fn) -> None:
 
 
 def cmd_edit(args) -> None:
-    from .edit import markdown_table, plot, run_edit
+    from .edit import diagnostics, markdown_table, plot, run_edit
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = load_records(args.data, args.format, n=args.n, seed=args.seed if args.sample else None)
@@ -88,7 +88,7 @@ def cmd_edit(args) -> None:
                "format": args.format, "sampled": bool(args.sample), "config": settings.to_dict()["config"],
                "wall_seconds": time.perf_counter() - start,
                "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:]), **results}
-    _write(Path(args.out), results, markdown_table(results),
+    _write(Path(args.out), results, markdown_table(results) + "\n\n" + diagnostics(results),
            lambda r, p: plot(r, p, f"{Path(args.data).name}, {args.schedule}, n={results['n']}"))
 
 
@@ -103,7 +103,7 @@ def _reference(path: str | None) -> dict | None:
 
 def cmd_merge(args) -> None:
     """Combine edit runs of the same data, n, seed, schedule and model made by separate processes."""
-    from .edit import markdown_table, plot
+    from .edit import diagnostics, markdown_table, plot
 
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.results]
     keys = ("data_file", "n", "seed", "schedule", "stream", "model")
@@ -130,7 +130,7 @@ def cmd_merge(args) -> None:
                               "git_commit": part.get("git_commit"), "git_modified": part.get("git_modified")}
                              for p, part in zip(args.results, parts)]
     merged["base_unchanged"] = all(part.get("base_unchanged") for part in parts)
-    _write(Path(args.out), merged, markdown_table(merged),
+    _write(Path(args.out), merged, markdown_table(merged) + "\n\n" + diagnostics(merged),
            lambda r, p: plot(r, p, f"{merged['data_file']}, {merged['schedule']}, n={merged['n']}"))
 
 

@@ -663,6 +663,40 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics(results: dict[str, Any]) -> str:
+    """Markdown: Rel by teaching order (sequential) and, for the memory, how often its gate opened."""
+    lines = []
+    aged = {k: v["rel_by_age"] for k, v in results["methods"].items() if v.get("rel_by_age")}
+    if aged:
+        k = max(len(v) for v in aged.values())
+        lines += [f"Rel by teaching order (stream of {results['stream']} facts, {k} buckets, oldest first):", "",
+                  "| method | " + " | ".join(str(i + 1) for i in range(k)) + " |",
+                  "| --- |" + " ---: |" * k]
+        for name, vals in aged.items():
+            lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+    mem = results["methods"].get("memory")
+    if mem:
+        ex = mem["extra"]
+        lines += ["Memory gate (fraction of prompts it speaks for; mean familiarity; threshold "
+                  f"{ex.get('config', {}).get('familiarity_threshold', '?')}):", "",
+                  "| prompts | speaks | mean familiarity |", "| --- | ---: | ---: |"]
+        for key, label in (("rel", "taught prompts"), ("gen", "paraphrases"), ("loc", "unrelated prompts")):
+            if f"speaks_{key}" in ex:
+                lines.append(f"| {label} | {ex[f'speaks_{key}']:.2f} | {ex[f'familiarity_{key}']:.2f} |")
+        fam = ex.get("per_record_familiarity", {})
+        thr = ex.get("config", {}).get("familiarity_threshold")
+        if fam.get("rel") and thr is not None:
+            rel = mem["per_record"]["rel"]
+            on = [r for r, f in zip(rel, fam["rel"]) if f >= thr]
+            off = [r for r, f in zip(rel, fam["rel"]) if f < thr]
+            lines += ["", f"Rel where the memory speaks: {mean(on):.3f} ({len(on)} records); "
+                      f"where it is silent: {mean(off):.3f} ({len(off)} records)."]
+        lines += ["", f"Update steps per fact: {ex.get('steps_per_fact', float('nan')):.1f} "
+                  f"(max_steps {ex.get('config', {}).get('max_steps', '?')}); written {ex.get('written')}/{results['n']}."]
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path, title: str = "") -> None:
     import matplotlib
 
