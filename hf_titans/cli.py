@@ -578,6 +578,56 @@ def teach(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+# ---------------------------------------------------------------------------------------------- read (issue 8)
+@app.command()
+@_command
+def read(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file of any length.", show_default=False)],
+    memory: MemoryOpt = ...,
+    chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1,
+                                              help="Tokens per chunk (one forward pass each).")] = 512,
+    max_steps: Annotated[Optional[int], typer.Option(
+        "--max-steps", min=0, help="Update steps at most per written chunk (default: the memory's config).",
+        show_default=False)] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    save_log: Annotated[bool, typer.Option(
+        "--save-log", help="Also store the written sentences in the memory folder (they may be private).")] = False,
+    ignore_base_mismatch: MismatchOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Read a long document chunk by chunk into a new or existing memory; only surprising sentences are written."""
+    out = _state(ctx, json_output, quiet)
+    t0 = time.perf_counter()
+    if not file.is_file():
+        raise CliError(f"{str(file)!r} is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CliError(f"{str(file)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise CliError(f"cannot read {str(file)!r}: {err.strerror or err}") from None
+    if not text.strip():
+        raise CliError(f"{str(file)!r} is empty; nothing to read")
+    _load_config(config)  # a bad preset fails before the model loads
+    _check_writable(memory)
+    engine, created = open_engine(out, memory, model, config, create=True, ignore_base_mismatch=ignore_base_mismatch)
+    try:  # Ctrl-C: engine.read restores the memory, nothing is saved, exit 130
+        stats = engine.read(text, chunk_tokens=chunk_tokens, max_steps=max_steps, progress=out.chatty)
+    except ValueError as err:
+        raise CliError(f"{file}: {err}; nothing was saved") from None
+    save_memory(out, engine, memory, save_log)
+    data = {"command": "read", "memory": str(memory), "created": created, "file": str(file),
+            **{k: v for k, v in stats.to_dict().items() if k != "chunks"}, "written": stats.spans_written,
+            "chunk_surprise": stats.chunk_surprise, "seconds_total": round(time.perf_counter() - t0, 3)}
+    if out.json:
+        out.result(data)
+    elif not out.quiet:
+        print(f"{stats}\nSaved {memory}{' (new)' if created else ''}.", flush=True)
+
+
 def _fact_line(fact) -> str:
     from rich.markup import escape
 

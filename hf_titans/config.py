@@ -43,6 +43,16 @@ class MemoryConfig:
     Locality gate:
         familiarity_threshold: the memory speaks for a prompt only when its familiarity
             ``1 - ||M(k) - v||^2 / ||v||^2`` is at least this; otherwise the prompt reaches the bare model untouched.
+
+    Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
+        read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
+            its tokens in the chunk's one forward pass, nats) is at least this; a chunk with no such sentence
+            is not written at all.
+        read_max_spans: the most sentences written per chunk (the most surprising ones).
+        read_forget: alpha of eq. 13 during reading: the forgetting per update step, so older writes fade as
+            newer ones arrive (forgetting follows what is written, not how much unsurprising text is read).
+        read_rehearse: how many earlier written sentences (the most surprising so far) are rehearsed with each
+            write while reading, so that a new write does not overwrite them; 0 turns rehearsal off.
     """
 
     variant: str = "titans"
@@ -65,6 +75,10 @@ class MemoryConfig:
     prefixes_per_step: int = 3
     learn_steps: int = 40
     familiarity_threshold: float = 0.5
+    read_surprise_threshold: float = 4.0
+    read_max_spans: int = 2
+    read_forget: float = 1e-4
+    read_rehearse: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,24 +102,24 @@ class MemoryConfig:
         if self.mode not in MODES:
             raise ValueError(f"{source}: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         positive_ints = ("n_memory_tokens", "memory_hidden", "assoc_dim", "max_steps", "min_prefix_tokens",
-                         "prefixes_per_step")
+                         "prefixes_per_step", "read_max_spans")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
-        for name in ("key_layer", "learn_steps"):
+        for name in ("key_layer", "learn_steps", "read_rehearse"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "assoc_lr", "max_grad_norm"):
             v = getattr(self, name)
             if not (0 < v < float("inf")):
                 raise ValueError(f"{source}: '{name}' must be a positive finite number, got {v}")
-        for name in ("momentum", "forget"):
+        for name in ("momentum", "forget", "read_forget"):
             v = getattr(self, name)
             if not (0 <= v < 1):
                 raise ValueError(f"{source}: '{name}' must be in [0, 1), got {v}")
-        for name in ("surprise_threshold", "target_loss"):
+        for name in ("surprise_threshold", "target_loss", "read_surprise_threshold"):
             v = getattr(self, name)
             if not (0 <= v < float("inf")):
                 raise ValueError(f"{source}: '{name}' must be a finite number >= 0, got {v}")

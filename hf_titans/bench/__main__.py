@@ -1,4 +1,4 @@
-"""``python -m hf_titans.bench edit|generate``: the benchmarks of docs/benchmarks.md."""
+"""``python -m hf_titans.bench edit|generate|needle``: the benchmarks of docs/benchmarks.md (needle: docs/reading.md)."""
 
 from __future__ import annotations
 
@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes")
     g.add_argument("--repeats", type=int, default=3)
     g.set_defaults(func=cmd_generate)
+
+    from .needle import add_parser as add_needle_parser  # issue 8: pass-key retrieval beyond the window
+
+    add_needle_parser(sub, common, config=_config, environment=_environment, load_model=load_model)
     return p
 
 

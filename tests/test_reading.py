@@ -1,0 +1,283 @@
+"""engine.read: surprise-gated memorisation of documents longer than the window, on a tiny Llama (seconds).
+
+The tiny model is first trained for a few seconds on the filler text, so that (like a real LM reading
+repetitive filler) the filler is predictable while a planted needle is not.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from hf_titans import HybridTitansEngine, MemoryConfig
+from hf_titans.reading import ReadStats, read_document
+
+FILLER = "The quick brown fox jumps over the lazy dog. Once upon a time there was a king who lived in a castle. "
+NEEDLE = "The secret project code is Omega-99."
+QUESTION = "The secret project code is"
+CHUNK, CONTEXT = 64, 16
+CFG = MemoryConfig(max_steps=80)
+
+
+@pytest.fixture(scope="module")
+def reader_lm(tokenizer):
+    """A tiny Llama that knows the filler (trained on it), so only the needle surprises it."""
+    torch.manual_seed(0)
+    model = make_model("llama", len(tokenizer))
+    ids = tokenizer(FILLER * 6, return_tensors="pt").input_ids
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.requires_grad_(False)
+    assert float(loss.detach()) < 0.05
+    return model, tokenizer
+
+
+def _engine(reader_lm, **changes) -> HybridTitansEngine:
+    model, tok = reader_lm
+    return HybridTitansEngine(model, tok, CFG.replace(**changes) if changes else CFG)
+
+
+def _doc(before: int = 8, after: int = 8) -> str:
+    return FILLER * before + NEEDLE + " " + FILLER * after
+
+
+def _state(engine) -> dict[str, torch.Tensor]:
+    state = {f"memory.{k}": v.clone() for k, v in engine.memory.state_dict().items()}
+    for i, s in enumerate(engine.optimizer.state.values()):
+        state.update({f"opt.{i}.{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
+    return state
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_needle_is_written_filler_is_not_and_recalled(reader_lm):
+    model, tok = reader_lm
+    engine = _engine(reader_lm)
+    assert engine.familiarity(QUESTION) < engine.config.familiarity_threshold
+    doc = _doc()
+    stats = engine.read(doc, chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False)
+    n_tokens = len(tok(doc, add_special_tokens=False).input_ids)
+    # stats
+    assert isinstance(stats, ReadStats)
+    assert stats.tokens == n_tokens
+    assert stats.chunks_read == math.ceil(n_tokens / CHUNK) == len(stats.chunk_surprise)
+    assert [c.start_token for c in stats.chunks] == list(range(0, n_tokens, CHUNK))
+    assert sum(c.n_tokens for c in stats.chunks) == n_tokens
+    assert stats.chunks_written == 1 and stats.fraction_written == pytest.approx(1 / stats.chunks_read)
+    assert stats.spans_written == [NEEDLE]
+    assert stats.steps > 0 and stats.seconds > 0 and stats.tokens_per_second > 0
+    assert stats.forward_seconds + stats.write_seconds <= stats.seconds
+    # the written chunk is the one holding the needle, and it is the most surprising one
+    needle_token = len(tok(FILLER * 8, add_special_tokens=False).input_ids)
+    (written,) = [c for c in stats.chunks if c.written]
+    assert written.start_token <= needle_token < written.start_token + CHUNK
+    assert written.surprise == max(stats.chunk_surprise)
+    assert written.max_sentence_surprise >= engine.config.read_surprise_threshold
+    for c in stats.chunks:
+        if c is not written:
+            assert c.max_sentence_surprise < engine.config.read_surprise_threshold and not c.spans
+    # recalled, with nothing in the context
+    assert engine.familiarity(QUESTION) >= engine.config.familiarity_threshold
+    assert engine.generate(QUESTION, max_new_tokens=4).strip().startswith("Omega")
+    assert engine.taught == [NEEDLE]
+    d = stats.to_dict()
+    assert d["chunks_written"] == 1 and len(d["chunks"]) == stats.chunks_read
+    assert "1 written" in str(stats)
+
+
+def test_threshold_comes_from_the_config(reader_lm):
+    engine = _engine(reader_lm, read_surprise_threshold=1e6)
+    before = _state(engine)
+    stats = engine.read(_doc(), chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False)
+    assert stats.chunks_written == 0 and stats.steps == 0 and engine.updates == 0
+    _assert_same(before, _state(engine))
+
+
+def test_momentum_decays_on_unwritten_chunks_without_moving_the_memory(reader_lm):
+    """A chunk that is not written has theta = 0: S <- eta S (eq. 14), and the memory does not move."""
+    engine = _engine(reader_lm, read_surprise_threshold=1e6)
+    engine.teach(["Hello world, how are you?"], max_steps=2)  # some surprise momentum to carry
+    memory = {k: v.clone() for k, v in engine.memory.state_dict().items()}
+    momenta = [s["surprise_momentum"].clone() for s in engine.optimizer.state.values()]
+    stats = engine.read(FILLER * 6, chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False)
+    eta = engine.config.momentum
+    for m0, s in zip(momenta, engine.optimizer.state.values()):
+        assert torch.allclose(s["surprise_momentum"], m0 * eta ** stats.chunks_read, atol=1e-12)
+    for k, v in engine.memory.state_dict().items():
+        assert torch.equal(v, memory[k]), k
+    # forgetting while reading is config.read_forget; the optimizer gets its own setting back afterwards
+    assert all(g["forget"] == engine.config.forget for g in engine.optimizer.param_groups)
+
+
+def test_read_forget_is_used_while_writing(reader_lm, monkeypatch):
+    engine = _engine(reader_lm, read_forget=0.01, forget=0.0)
+    seen = []
+    original = engine.optimizer.step
+    monkeypatch.setattr(engine.optimizer, "step",
+                        lambda: seen.append({g["forget"] for g in engine.optimizer.param_groups}) or original())
+    engine.read(_doc(), chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False, max_steps=3)
+    assert seen and all(s == {0.01} for s in seen)
+    assert {g["forget"] for g in engine.optimizer.param_groups} == {0.0}
+
+
+def test_memory_stays_flat_as_the_document_grows(reader_lm, monkeypatch):
+    """Structural: every forward pass sees at most one chunk and its context, whatever the document's length,
+    and the memory's and optimizer's tensors keep their sizes; the stats hold plain numbers and strings."""
+    lengths = {}
+    for repeats in (4, 16):
+        engine = _engine(reader_lm)
+        sizes_before = {k: v.numel() for k, v in _state(engine).items()}
+        seen = []
+        original = engine._forward
+        monkeypatch.setattr(engine, "_forward", lambda ids, *a, **k: seen.append(ids.shape) or original(ids, *a, **k))
+        stats = engine.read(_doc(repeats, repeats), chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False,
+                            max_steps=2)
+        assert len([s for s in seen if s[0] == 1]) >= stats.chunks_read  # one pass per chunk, at least
+        lengths[repeats] = max(s[1] for s in seen)
+        assert lengths[repeats] <= CONTEXT + CHUNK + 1
+        sizes_after = {k: v.numel() for k, v in _state(engine).items()}
+        assert {k: v for k, v in sizes_after.items() if k in sizes_before} == sizes_before
+        assert len(sizes_after) <= 2 * len(list(engine.memory.parameters())) * 2 + len(sizes_before)
+        for chunk in stats.chunks:
+            for value in vars(chunk).values():
+                assert isinstance(value, (int, float, bool, list, dict)) and not torch.is_tensor(value)
+    assert lengths[4] == lengths[16]
+
+
+@pytest.mark.parametrize("document, kwargs, error", [
+    ("", {}, ValueError), ("  \n\t", {}, ValueError), (42, {}, TypeError), (None, {}, TypeError),
+    (b"bytes", {}, TypeError), (["a list"], {}, TypeError),
+    (FILLER, {"chunk_tokens": 0}, ValueError), (FILLER, {"chunk_tokens": -5}, ValueError),
+    (FILLER, {"chunk_tokens": 1.5}, TypeError), (FILLER, {"chunk_tokens": True}, TypeError),
+    (FILLER, {"chunk_tokens": 10_000}, ValueError), (FILLER, {"context_tokens": -1}, ValueError),
+    (FILLER, {"max_span_tokens": 1}, ValueError), (FILLER, {"max_steps": -1}, ValueError),
+])
+def test_bad_input_is_refused_and_memory_unchanged(reader_lm, document, kwargs, error):
+    engine = _engine(reader_lm)
+    engine.teach([NEEDLE], max_steps=2)
+    before = _state(engine)
+    with pytest.raises(error):
+        engine.read(document, **{"progress": False, **kwargs})
+    _assert_same(before, _state(engine))
+
+
+def test_failure_while_reading_restores_the_memory(reader_lm, monkeypatch):
+    engine = _engine(reader_lm)
+    engine.teach(["Hello world, how are you?"], max_steps=2)
+    before = _state(engine)
+    original = engine._write
+
+    def write_then_fail(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_write", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        engine.read(_doc(), chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False, max_steps=3)
+    _assert_same(before, _state(engine))
+    assert {g["forget"] for g in engine.optimizer.param_groups} == {engine.config.forget}
+
+
+def test_progress_bar_can_be_turned_off(reader_lm, capsys):
+    engine = _engine(reader_lm, read_surprise_threshold=1e6)
+    read_document(engine, FILLER * 3, chunk_tokens=CHUNK, progress=False)
+    assert capsys.readouterr().err == ""
+    read_document(engine, FILLER * 3, chunk_tokens=CHUNK, progress=True, desc="reading-test")
+    assert "reading-test" in capsys.readouterr().err
+
+
+def test_long_surprising_sentence_is_cut_to_max_span_tokens(reader_lm):
+    model, tok = reader_lm
+    engine = _engine(reader_lm)
+    long_needle = "alpha beta gamma delta epsilon zeta eta theta " * 3 + "Omega-99 is the code."
+    doc = FILLER * 4 + long_needle + " " + FILLER * 4
+    stats = engine.read(doc, chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False, max_steps=2,
+                        max_span_tokens=12)
+    spans = [s for c in stats.chunks for s in c.spans]
+    assert any(s in long_needle for s in spans)
+    for span in spans:
+        # 12 tokens in the document; on its own a text may tokenize a little differently (no leading space)
+        assert len(tok(span, add_special_tokens=False).input_ids) <= 14
+        start = doc.index(span)  # whole words of the document
+        assert (start == 0 or doc[start - 1].isspace()) and doc[start + len(span)] in " .,"
+
+
+@pytest.mark.parametrize("field, value", [("read_surprise_threshold", -1.0), ("read_surprise_threshold", math.inf),
+                                          ("read_max_spans", 0), ("read_forget", 1.0), ("read_forget", -0.1)])
+def test_reading_config_is_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        MemoryConfig(**{field: value})
+
+
+def test_needle_benchmark_smoke(reader_lm, tmp_path):
+    """The harness runs end to end on the tiny model (not the numbers): documents of the requested length with
+    the needle out of the last window, the memory read, the bare baseline, the table."""
+    from hf_titans.bench.needle import make_haystack, markdown_table, run_needle
+
+    model, tok = reader_lm
+    import random
+
+    for filler in ("repeat", "natural"):
+        hay = make_haystack(tok, 900, filler, random.Random(1), window=256)
+        assert 850 <= hay["tokens"] <= 1000 and hay["key"] in hay["text"]
+        assert hay["needle_token"] <= hay["tokens"] - 256 and not hay["needle_in_last_window"]
+        near = make_haystack(tok, 256, filler, random.Random(1), window=256, in_window=True)
+        assert near["needle_in_last_window"]
+    results = run_needle(model, tok, [600], trials=1, window=200, chunk_tokens=64, context_tokens=16,
+                         config=CFG, max_steps=1, max_new_tokens=3, control=True, log=lambda s: None)
+    assert [(r["filler"], r["trials"]) for r in results["summary"]] == [("repeat", 1), ("natural", 1)]
+    for trial in results["trials"]:
+        assert {"question", "cloze", "baseline", "control", "read"} <= set(trial)
+        assert 0 <= trial["read"]["fraction_written"] <= 1
+    assert "| repeat | " in markdown_table(results)
+
+
+def test_cli_read(reader_lm, tmp_path):
+    """``hf-titans read FILE --memory DIR`` (in-process): reads, saves the memory, reports JSON; bad files exit 2
+    before any memory folder is made."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from hf_titans.cli import app
+
+    model, tok = reader_lm
+    base = tmp_path / "tiny"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(_doc(), encoding="utf-8")
+    memory = tmp_path / "mem"
+    run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result = run("--json", "read", doc, "--memory", memory, "--model", base, "--chunk-tokens", 64,
+                     "--max-steps", 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["ok"] and data["command"] == "read" and data["created"]
+    assert data["chunks_read"] == math.ceil(len(tok(_doc(), add_special_tokens=False).input_ids) / 64)
+    assert data["written"] == [NEEDLE] and (memory / "config.json").is_file() or any(memory.iterdir())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    for bad in (empty, tmp_path / "missing.txt"):
+        result = run("read", bad, "--memory", tmp_path / "never", "--model", base)
+        assert result.exit_code == 2, result.output
+        assert not (tmp_path / "never").exists()
