@@ -457,3 +457,43 @@ def test_serve_command_line():
     assert command[-1] == "--enforce-eager" and command[command.index("--served-model-name") + 1] == "base"
     command = vllm_serve_command("/models/x", 8001)
     assert command[:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/x"]
+
+
+def test_front_batches_concurrent_requests(base, engines, saved):
+    """Requests that arrive together share one MemoryBank.embed call; a bad one fails alone."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+
+    from fake_vllm import create_fake_vllm
+    from hf_titans.serving import create_app
+
+    model, tok = base
+    bank = MemoryBank(model, tok)
+    bank.add_directory(saved)
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_fake_vllm(model, tok)), base_url="http://v")
+    app = create_app(bank, upstream, batch_window=0.05)
+    good = [("greek", PROMPTS["greek"]), ("fox", PROMPTS["fox"]), ("greek", UNRELATED), ("base", UNRELATED),
+            ("fox", PROMPTS["fox"])]
+    bad = [("greek", PROMPTS["greek"]), ("greek", "   ")]
+
+    async def send(requests):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front") as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={
+                "model": m, "prompt": p, "max_tokens": 8}) for m, p in requests))
+
+    async def main():
+        first = await send(good)
+        batches = app.state.batcher.batches
+        return first, batches, await send(bad)
+
+    responses, batches, bad_responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 5
+    for (memory, prompt), r in zip(good, responses):
+        expected = greedy(engines[memory], prompt) if memory != "base" else \
+            engines["greek"].generate(prompt, max_new_tokens=8, use_memory=False)
+        assert r.json()["choices"][0]["text"] == expected
+    assert responses[0].json()["hf_titans"]["speaks"] == [True]
+    assert batches <= 2  # five requests, one or two embedding passes
+    assert [r.status_code for r in bad_responses] == [200, 400]  # the empty prompt fails alone
+    assert bad_responses[0].json()["choices"][0]["text"] == greedy(engines["greek"], PROMPTS["greek"])

@@ -193,9 +193,79 @@ def hf_titans_info(items: list[PromptEmbeds]) -> dict[str, Any]:
             "memory_tokens": [p.n_soft for p in items]}
 
 
+class EmbedBatcher:
+    """Computes the prompt embeddings of concurrent requests together: one pass through the base model's early
+    layers for all of them (and one read per memory), instead of one per request.
+
+    Requests queue up; a single worker takes everything queued (waiting ``window`` seconds for more after the first)
+    and runs :meth:`MemoryBank.embed` once in a worker thread. If that fails, each request of the batch is computed
+    alone so that an error reaches only the request that caused it.
+    """
+
+    def __init__(self, bank: MemoryBank, run_in_thread: Any, window: float = 0.002, max_prompts: int = 256) -> None:
+        self.bank, self.run_in_thread = bank, run_in_thread
+        self.window, self.max_prompts = float(window), int(max_prompts)
+        self.queue: Optional[asyncio.Queue] = None
+        self.task: Optional[asyncio.Task] = None
+        self.batches = 0  # how many bank.embed calls were made (for tests and stats)
+
+    async def embed(self, prompts: list, memory: Optional[str]) -> list[PromptEmbeds]:
+        if self.task is None or self.task.done():
+            self.queue = asyncio.Queue()
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((prompts, memory, future))
+        return await future
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            count = len(batch[0][0])
+            deadline = loop.time() + self.window
+            while count < self.max_prompts:
+                try:
+                    item = self.queue.get_nowait() if loop.time() >= deadline else await asyncio.wait_for(
+                        self.queue.get(), deadline - loop.time())
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                batch.append(item)
+                count += len(item[0])
+            await self._compute(batch)
+
+    async def _compute(self, batch: list) -> None:
+        prompts = [p for item in batch for p in item[0]]
+        memories = [item[1] for item in batch for _ in item[0]]
+        try:
+            self.batches += 1
+            items = await self.run_in_thread(self.bank.embed, prompts, memories)
+        except Exception:
+            for item_prompts, memory, future in batch:  # find which request failed
+                try:
+                    self.batches += 1
+                    result = await self.run_in_thread(self.bank.embed, item_prompts, memory)
+                except Exception as err:
+                    if not future.done():
+                        future.set_exception(err)
+                else:
+                    if not future.done():
+                        future.set_result(result)
+            return
+        start = 0
+        for item_prompts, _memory, future in batch:
+            if not future.done():
+                future.set_result(items[start:start + len(item_prompts)])
+            start += len(item_prompts)
+
+
 def create_app(bank: MemoryBank, upstream: Any, *, base_name: str = "base", upstream_model: Optional[str] = None,
                api_key: Optional[str] = None, upstream_api_key: Optional[str] = None,
-               silent_as_tokens: bool = True, timeout: float = 600.0):
+               silent_as_tokens: bool = True, timeout: float = 600.0, batch_window: float = 0.002):
     """The FastAPI app of the memory front.
 
     Args:
@@ -207,6 +277,8 @@ def create_app(bank: MemoryBank, upstream: Any, *, base_name: str = "base", upst
         upstream_api_key: the key vLLM was started with (``--api-key``), if any.
         silent_as_tokens: where the memory is silent, send vLLM the token ids (exactly the bare model's request)
             rather than their embeddings.
+        batch_window: seconds to wait for more requests before computing embeddings; requests that arrive
+            while a batch is being computed join the next one (see :class:`EmbedBatcher`).
     """
     import httpx
     from fastapi import FastAPI, Request
@@ -225,6 +297,7 @@ def create_app(bank: MemoryBank, upstream: Any, *, base_name: str = "base", upst
     @asynccontextmanager
     async def lifespan(_app):
         yield
+        batcher.close()
         if owns_client:
             await client.aclose()
 
@@ -268,9 +341,12 @@ def create_app(bank: MemoryBank, upstream: Any, *, base_name: str = "base", upst
         names = await run_in_threadpool(bank.names)
         return route(body.get("model"), request.headers.get(MEMORY_HEADER), set(names), await base_names())
 
-    async def embed(prompts: list, memory: Optional[str], add_special_tokens: bool = True) -> list[PromptEmbeds]:
+    batcher = EmbedBatcher(bank, run_in_threadpool, window=batch_window)
+    app.state.batcher = batcher
+
+    async def embed(prompts: list, memory: Optional[str]) -> list[PromptEmbeds]:
         try:
-            return await run_in_threadpool(bank.embed, prompts, memory, add_special_tokens=add_special_tokens)
+            return await batcher.embed(prompts, memory)
         except UnknownMemoryError as err:
             raise FrontError(404, str(err), "model", "memory_not_found") from err
         except (ValueError, TypeError) as err:
@@ -474,7 +550,7 @@ def create_app(bank: MemoryBank, upstream: Any, *, base_name: str = "base", upst
         model = await served_model()
         completion = chat_to_completion_body(body)
         ids = await run_in_threadpool(chat_token_ids, bank.tokenizer, body)
-        items = await embed([ids], memory, add_special_tokens=False)
+        items = await embed([ids], memory)  # token ids of the templated chat: no special tokens added
         upstream = upstream_body(completion, items[0], model)
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):

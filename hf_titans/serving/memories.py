@@ -83,6 +83,7 @@ class _Entry:
     checked_at: float = field(default_factory=time.monotonic)
     last_error: Optional[str] = None
     from_directory: Optional[Path] = None
+    loading: threading.Lock = field(default_factory=threading.Lock)  # one reload at a time
 
     def live(self) -> tuple[NeuralMemory, MemoryConfig, int, Optional[threading.RLock]]:
         if self.kind == "engine":
@@ -119,11 +120,12 @@ class MemoryBank:
         hub_check_interval: seconds between re-resolving a Hub memory's revision (one HTTP request); a memory
             added at a commit hash is never re-resolved.
         token, cache_dir, local_files_only: passed to the Hub for Hub memories.
+        max_batch: prompts per pass through the early layers.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, ignore_base_mismatch: bool = False,
                  check_interval: float = 1.0, hub_check_interval: float = 60.0, token: Union[str, bool, None] = None,
-                 cache_dir: Any = None, local_files_only: bool = False) -> None:
+                 cache_dir: Any = None, local_files_only: bool = False, max_batch: int = 64) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         model.eval()
@@ -133,6 +135,7 @@ class MemoryBank:
         self.check_interval = float(check_interval)
         self.hub_check_interval = float(hub_check_interval)
         self.hub_kwargs = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        self.max_batch = int(max_batch)
         weight = input_embeddings(model).weight
         self.hidden_size = int(weight.shape[1])
         self.device = weight.device
@@ -289,6 +292,17 @@ class MemoryBank:
 
     def _refresh_entry(self, entry: _Entry, force: bool = False) -> str:
         entry.checked_at = time.monotonic()
+        if entry.kind not in ("folder", "hub"):
+            return "unchanged"  # live objects are always current
+        # One reload at a time per memory; other requests meanwhile keep using the version being replaced.
+        if not entry.loading.acquire(blocking=force):
+            return "unchanged"
+        try:
+            return self._reload(entry, force)
+        finally:
+            entry.loading.release()
+
+    def _reload(self, entry: _Entry, force: bool) -> str:
         try:
             if entry.kind == "folder":
                 stamp = _folder_stamp(entry.source)
@@ -304,8 +318,6 @@ class MemoryBank:
                     return "unchanged"
                 memory, config = self._load(entry.source, commit)
                 self._swap(entry, memory, config, commit=commit)
-            else:
-                return "unchanged"  # live objects are always current
         except Exception as err:  # keep serving the last good version
             message = f"{type(err).__name__}: {err}"
             if message != entry.last_error:
@@ -410,7 +422,8 @@ class MemoryBank:
 
         ``prompts`` are strings (tokenized like the engine does, with the tokenizer's special tokens unless
         ``add_special_tokens=False``, e.g. for an already templated chat) or lists of token ids. Prompts with the
-        same key layer and token count share one pass through the base model's early layers.
+        same key layer share one pass through the base model's early layers, and each memory reads the keys of all
+        its prompts at once.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list; use prompt_embeds() for one prompt")
@@ -424,27 +437,48 @@ class MemoryBank:
         live = {}
         for name in set(m for m in memories if m is not None):
             live[name] = self._entry(name).live()
-        # Raw keys: one early-layer pass per (key layer, prompt), batched over prompts of the same length.
-        needed: dict[int, set[int]] = {}
+        # Raw keys: one pass through the early layers per key layer for all its prompts, right-padded. Causal
+        # attention never looks at the pads after a token and positions start at 0 in every row, so each prompt's
+        # hidden states are those of the prompt alone (up to float rounding); a single prompt has no padding.
+        needed: dict[int, list[int]] = {}
         for i, name in enumerate(memories):
             if name is not None:
                 config = live[name][1]
                 if len(ids[i]) + config.n_memory_tokens > self._max_tokens():
                     raise ValueError(f"prompt {i} is {len(ids[i])} tokens, longer than the context window left "
                                      f"beside memory {name!r} ({self._max_tokens() - config.n_memory_tokens} tokens)")
-                needed.setdefault(config.key_layer, set()).add(i)
+                needed.setdefault(config.key_layer, []).append(i)
         raw: dict[tuple[int, int], torch.Tensor] = {}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for layer, rows in needed.items():
-            by_length: dict[int, list[int]] = {}
-            for i in sorted(rows):
-                by_length.setdefault(len(ids[i]), []).append(i)
-            for group in by_length.values():
-                batch = torch.tensor([ids[i] for i in group], device=self.device)
-                mask = torch.ones_like(batch)
-                hidden = hidden_at_layer(self.model, batch, mask, layer)
-                keys = prefix_means(hidden.to(self.device), mask)[:, -1]
+            unique = sorted(set(rows))
+            for start in range(0, len(unique), self.max_batch):
+                group = unique[start:start + self.max_batch]
+                width = max(len(ids[i]) for i in group)
+                batch = torch.full((len(group), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(group), width), dtype=torch.long)
                 for row, i in enumerate(group):
-                    raw[(layer, i)] = keys[row]
+                    batch[row, :len(ids[i])] = torch.tensor(ids[i])
+                    mask[row, :len(ids[i])] = 1
+                batch, mask = batch.to(self.device), mask.to(self.device)
+                hidden = hidden_at_layer(self.model, batch, mask, layer)
+                keys = prefix_means(hidden.to(self.device), mask)
+                for row, i in enumerate(group):
+                    raw[(layer, i)] = keys[row, len(ids[i]) - 1]
+        # Each memory reads the keys of its prompts in one call.
+        read: dict[int, tuple[torch.Tensor, float]] = {}
+        for name, (memory, config, _version, engine_lock) in live.items():
+            rows = [i for i, m in enumerate(memories) if m == name]
+            if engine_lock is not None:
+                engine_lock.acquire()
+            try:
+                keys = memory.normalize_keys(torch.stack([raw[(config.key_layer, i)] for i in rows]))
+                soft, familiarity = memory.read(keys)
+            finally:
+                if engine_lock is not None:
+                    engine_lock.release()
+            for row, i in enumerate(rows):
+                read[i] = (soft[row], float(familiarity[row]))
         embedding = input_embeddings(self.model)
         out = []
         for i, name in enumerate(memories):
@@ -452,18 +486,11 @@ class MemoryBank:
             if name is None:
                 out.append(PromptEmbeds(tokens, ids[i], None, False, None))
                 continue
-            memory, config, version, engine_lock = live[name]
-            if engine_lock is not None:
-                engine_lock.acquire()
-            try:
-                keys = memory.normalize_keys(raw[(config.key_layer, i)].unsqueeze(0))
-                soft, familiarity = memory.read(keys)
-            finally:
-                if engine_lock is not None:
-                    engine_lock.release()
-            speaks = bool(familiarity[0] >= config.familiarity_threshold)
-            embeds = torch.cat([soft[0].to(tokens.dtype), tokens]) if speaks else tokens
-            out.append(PromptEmbeds(embeds, ids[i], name, speaks, float(familiarity[0]), version))
+            config, version = live[name][1], live[name][2]
+            soft, familiarity = read[i]
+            speaks = familiarity >= config.familiarity_threshold
+            embeds = torch.cat([soft.to(tokens.dtype), tokens]) if speaks else tokens
+            out.append(PromptEmbeds(embeds, ids[i], name, speaks, familiarity, version))
         if out_device is not None:
             for item in out:
                 item.embeds = item.embeds.detach().to(out_device)
