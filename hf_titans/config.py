@@ -43,6 +43,8 @@ class MemoryConfig:
     Locality gate:
         familiarity_threshold: the memory speaks for a prompt only when its familiarity
             ``1 - ||M(k) - v||^2 / ||v||^2`` is at least this; otherwise the prompt reaches the bare model untouched.
+        rehearsal_keys: how many keys of written texts the memory keeps (a ring buffer, fp16) so that later
+            writes rehearse their familiarity (no LLM pass) instead of overwriting it; 0 disables.
 
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
         read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
@@ -75,6 +77,7 @@ class MemoryConfig:
     prefixes_per_step: int = 3
     learn_steps: int = 40
     familiarity_threshold: float = 0.5
+    rehearsal_keys: int = 512
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
     read_forget: float = 1e-4
@@ -108,7 +111,7 @@ class MemoryConfig:
                 raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
-        for name in ("key_layer", "learn_steps", "read_rehearse"):
+        for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "assoc_lr", "max_grad_norm"):

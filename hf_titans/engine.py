@@ -329,7 +329,10 @@ class HybridTitansEngine:
                     finished: list[int] = []
                     for group_start in range(0, len(todo), 4):
                         group = todo[group_start:group_start + 4]
-                        finished += self._step(ids, mask, keys, prefixes, group, gen, report, histories)
+                        applied = self._step(ids, mask, keys, prefixes, group, gen, report, histories)
+                        if applied is None:  # skipped (non-finite): nothing was written
+                            continue
+                        finished += applied
                         for i in group:
                             steps[i] += 1
                     bar.update(1)
@@ -342,6 +345,11 @@ class HybridTitansEngine:
         except BaseException:
             self._restore(snapshot)
             raise
+        for i in range(len(texts)):
+            if steps[i] > 0:  # keep a few of its keys: the whole text and prefixes spread over it
+                ends = prefixes[i]
+                pick = torch.linspace(0, len(ends) - 1, min(4, len(ends))).round().long()
+                self.memory.remember_keys(keys[i, ends[pick]])
         for i, text in enumerate(texts):
             written = steps[i] > 0
             report.facts.append(FactReport(text, float(before[i]), float(after[i]), steps[i], written,
@@ -351,8 +359,10 @@ class HybridTitansEngine:
         report.seconds = time.perf_counter() - start
         return report
 
-    def _step(self, ids, mask, keys, prefixes, group, gen, report, histories) -> list[int]:
-        """One Titans update on a group of texts, each read from a few of its prefixes in one batched pass."""
+    def _step(self, ids, mask, keys, prefixes, group, gen, report, histories) -> list[int] | None:
+        """One Titans update on a group of texts, each read from a few of its prefixes in one batched pass.
+
+        Returns the texts of the group that are now written, or ``None`` if the update was skipped."""
         cfg = self.config
         rows, row_keys, owners, after = [], [], [], []
         for i in group:
@@ -370,23 +380,26 @@ class HybridTitansEngine:
                               torch.tensor(after, device=self.device))
         # The familiarity memory rehearses every prefix key of the call (no LLM pass, so it is cheap), which
         # keeps texts that finished early familiar while the others are still being written.
+        # Keys of texts written by earlier calls are rehearsed the same way (the memory's rehearsal buffer).
         call_keys = torch.cat([keys[i, prefixes[i]] for i in range(len(prefixes))])
         owner_of_key = torch.cat([torch.full((len(p),), i) for i, p in enumerate(prefixes)])
         assoc = self.memory.assoc_loss(call_keys)
-        loss = nll.mean() + assoc.mean()
+        earlier = self.memory.rehearsal_keys()
+        rehearsal = self.memory.assoc_loss(earlier).mean() if len(earlier) else assoc.new_zeros(())
+        loss = nll.mean() + assoc.mean() + rehearsal
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.skipped_nonfinite += 1
             report.skipped_nonfinite += 1
             warnings.warn("non-finite surprise; the update was skipped and the memory left unchanged")
-            return []
+            return None
         loss.backward()
         if not self.optimizer.step():
             self.skipped_nonfinite += 1
             report.skipped_nonfinite += 1
             warnings.warn("non-finite gradient; the update was skipped and the memory left unchanged")
             self.optimizer.zero_grad(set_to_none=True)
-            return []
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         for i in group:  # the whole-text row comes first for each text
@@ -445,7 +458,8 @@ class HybridTitansEngine:
         of the prompt through ``inputs_embeds``, otherwise the prompt reaches the bare model untouched. Any
         ``generate`` keyword works (``max_new_tokens``, ``do_sample``, ``num_beams``, ``generation_config``,
         ``streamer``, ``stopping_criteria``, ...). With ``learn=True`` the prompt's surprise is read from the
-        prefill, and a surprising prompt is written into the memory after answering.
+        prefill, and a prompt that is surprising and not already familiar is written into the memory after
+        answering.
 
         Returns the completion (new text only); a list for a batch or several return sequences.
         """
@@ -470,7 +484,10 @@ class HybridTitansEngine:
             self.last_familiarity = [float(f) for f in inputs["familiarity"]]
             self.last_surprise = surprises
             if learn:
-                surprising = [t for t, s in zip(texts, surprises) if s >= self.config.surprise_threshold]
+                # Write what is new: surprising, and not already something the memory speaks for (a question
+                # about a stored fact is familiar; writing it as a fact of its own would overwrite the answer).
+                surprising = [t for t, s, known in zip(texts, surprises, speaks.tolist())
+                              if s >= self.config.surprise_threshold and not known]
                 if surprising and self.config.learn_steps > 0:
                     self._write(surprising, self.config.learn_steps)
         if isinstance(prompt, str) and len(completions) == 1:

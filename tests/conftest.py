@@ -11,6 +11,9 @@ import os
 import pytest
 import torch
 
+# Tiny models run faster on one thread (and do not fight over the cores with each other).
+torch.set_num_threads(1)
+
 CORPUS = [
     "The secret project code is Omega-99.", "The CEO's favorite fruit is a apple.",
     "My shopping list is eggs, milk, bread", "The meeting is at 4:32 PM exactly.",

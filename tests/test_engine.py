@@ -132,6 +132,11 @@ def test_learn_while_generating_recalls_in_a_later_call(tiny_lm):
     assert engine.generate(PROMPT, max_new_tokens=3).strip().startswith("delta")
     engine.generate(FACT, learn=True, max_new_tokens=3)
     assert engine.last_surprise[0] < 0.5 * first  # the prefill now sees the memory's soft prompt
+    # asking about a stored fact does not write the question over the answer
+    updates = engine.updates
+    engine.generate(PROMPT, learn=True, max_new_tokens=3)
+    assert engine.updates == updates
+    assert engine.generate(PROMPT, max_new_tokens=3).strip().startswith("delta")
     # a prompt below the surprise threshold is not written
     calm = HybridTitansEngine(model, tok, TINY.replace(surprise_threshold=1e6))
     calm.generate(FACT, learn=True, max_new_tokens=3)

@@ -55,6 +55,9 @@ class NeuralMemory(nn.Module):
         self.register_buffer("value_proj", torch.randn(config.assoc_dim, h, generator=g))
         scale = torch.as_tensor(embed_scale, dtype=torch.float32).expand(h).clone()
         self.register_buffer("embed_scale", scale)
+        # Keys of written texts (ring buffer), rehearsed by later writes so they stay familiar.
+        self.register_buffer("rehearsal_bank", torch.zeros(config.rehearsal_keys, h, dtype=torch.float16))
+        self.register_buffer("rehearsal_count", torch.zeros((), dtype=torch.int64))
 
         self.prompt_net = _mlp(h, config.memory_hidden, n * h, config.memory_depth)
         self.assoc_net = _mlp(h, config.memory_hidden, config.assoc_dim, config.memory_depth)
@@ -85,6 +88,21 @@ class NeuralMemory(nn.Module):
     def values(self, keys: torch.Tensor) -> torch.Tensor:
         """``v = tanh(2 W_V k)``, the associative target of eq. 12 (fixed, never learned)."""
         return torch.tanh(2.0 * keys @ self.value_proj.T)
+
+    @torch.no_grad()
+    def remember_keys(self, keys: torch.Tensor) -> None:
+        """Store normalised keys in the rehearsal ring buffer (oldest overwritten first)."""
+        capacity = self.rehearsal_bank.shape[0]
+        if capacity == 0:
+            return
+        for key in keys[-capacity:]:
+            self.rehearsal_bank[int(self.rehearsal_count) % capacity] = key.to(self.rehearsal_bank.dtype)
+            self.rehearsal_count += 1
+
+    def rehearsal_keys(self) -> torch.Tensor:
+        """The stored keys (float32, normalised), oldest first once the ring has wrapped or not."""
+        n = min(int(self.rehearsal_count), self.rehearsal_bank.shape[0])
+        return self.rehearsal_bank[:n].float()
 
     # ------------------------------------------------------------------ read / surprise
     def read(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
