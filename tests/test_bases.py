@@ -21,7 +21,8 @@ def _teach_and_recall(model, tok):
     report = engine.teach([FACT])
     assert report.facts[0].surprise_after < 0.5 * report.facts[0].surprise_before
     for tensor in engine.memory.state_dict().values():
-        assert torch.isfinite(tensor).all() and tensor.dtype == torch.float32
+        assert torch.isfinite(tensor.float()).all()
+    assert all(p.dtype == torch.float32 for p in engine.memory.parameters())  # the memory learns in fp32
     assert engine.generate(PROMPT, max_new_tokens=3).strip().startswith("delta")
     assert engine.generate("The capital of France is", max_new_tokens=4) == bare
     return engine
