@@ -10,8 +10,8 @@ Each run sends ``--requests`` requests at once, request ``j`` naming memory ``j 
 memories in flight) and prompt ``j`` (all prompts differ). Every memory speaks for every prompt (a fresh memory
 with ``familiarity_threshold=-1``, seeds 0..k-1: its own random soft prompt), so every request takes the
 prompt-embeds path: the worst case. (A silent memory sends the bare model's token ids, which is plain vLLM.)
-Generation is greedy with ``ignore_eos`` so every request makes exactly ``--max-tokens`` tokens. One run of each;
-results go to stdout and ``--out`` as JSON. Needs vLLM (the serve extra); run under ``if __name__ == "__main__"``.
+Generation is greedy with ``ignore_eos`` so every request makes exactly ``--max-tokens`` tokens. One run of each
+(``--repeat N``: N runs, the median reported, all wall times listed); results go to stdout and ``--out`` as JSON. Needs vLLM (the serve extra); run under ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def summarize(name: str, wall: float, latencies: list[float], tokens: int, extra
     return out
 
 
+def median_run(runs: list) -> tuple:
+    """The run with the median wall time (runs are ``(wall, data)``)."""
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+
+
 def make_memories(model, tokenizer, k: int):
     """k memories that speak for every prompt, each with its own soft prompt (seed)."""
     from hf_titans import HybridTitansEngine, MemoryConfig
@@ -88,34 +93,63 @@ def run_offline(args, model, tokenizer, ks) -> list[dict]:
             out.append(last - queued if (last and queued and last > queued) else wall)
         return out
 
-    wall, outs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
+    runs = [timed(lambda: llm.generate(prompts, params, use_tqdm=False)) for _ in range(args.repeat)]
+    wall, outs = median_run(runs)
     plain = summarize("plain vLLM (text prompts)", wall, latencies(outs, wall),
-                      sum(len(o.outputs[0].token_ids) for o in outs))
+                      sum(len(o.outputs[0].token_ids) for o in outs), {"runs_wall_s": [round(r[0], 3) for r in runs]})
     print(json.dumps(plain), flush=True)
+    # The prompt-embeds path without a memory: the prompts' own token embeddings (isolates the path's cost from
+    # the soft prompt's extra positions).
+    from hf_titans.serving.vllm import vllm_inputs
+
+    bare = MemoryBank(model, tokenizer).embed(prompts, None)
+    runs = [timed(lambda: llm.generate(vllm_inputs(bare, silent_as_tokens=False), params, use_tqdm=False))
+            for _ in range(args.repeat)]
+    wall, outs = median_run(runs)
+    row = summarize("vLLM, prompt_embeds of the bare tokens (no memory)", wall, latencies(outs, wall),
+                    sum(len(o.outputs[0].token_ids) for o in outs), {"runs_wall_s": [round(r[0], 3) for r in runs]})
+    row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
+    print(json.dumps(row), flush=True)
+    extra_rows = [row]
     for k in ks:
         bank = MemoryBank(model, tokenizer)
         for name, engine in make_memories(model, tokenizer, k).items():
             bank.add(name, engine)
         memories = [f"mem{j % k:02d}" for j in range(args.requests)]
         runner = MemoryLLM(llm, bank)
-        t = time.perf_counter()
-        items = bank.embed(prompts, memories)
-        embed_s = time.perf_counter() - t
-        assert all(i.speaks for i in items)
-        from hf_titans.serving.vllm import vllm_inputs
+        def once():
+            t = time.perf_counter()
+            items = bank.embed(prompts, memories)
+            embed_s = time.perf_counter() - t
+            assert all(i.speaks for i in items)
+            gen_s, outs = timed(lambda: llm.generate(vllm_inputs(items), params, use_tqdm=False))
+            return embed_s + gen_s, (outs, embed_s, gen_s)
 
-        inputs = vllm_inputs(items)
-        gen_s, outs = timed(lambda: llm.generate(inputs, params, use_tqdm=False))
-        wall = embed_s + gen_s
+        runs = [once() for _ in range(args.repeat)]
+        wall, (outs, embed_s, gen_s) = median_run(runs)
         row = summarize(f"memory, {k} memories", wall, [x + embed_s for x in latencies(outs, gen_s)],
                         sum(len(o.outputs[0].token_ids) for o in outs),
-                        {"memories": k, "embed_s": round(embed_s, 3), "generate_s": round(gen_s, 3)})
+                        {"memories": k, "embed_s": round(embed_s, 3), "generate_s": round(gen_s, 3),
+                         "runs_wall_s": [round(r[0], 3) for r in runs]})
         row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
         row["latency_ratio_vs_plain"] = round(row["latency_mean_s"] / plain["latency_mean_s"], 3)
         print(json.dumps(row), flush=True)
         results.append(row)
         del runner
-    return [plain, *results]
+    # Correctness of the same path: vLLM's greedy answers from a memory's prompt embeddings (and from the bare
+    # token ids) against the engine's own transformers generate(), token for token.
+    engine = make_memories(model, tokenizer, 1)["mem00"]
+    bank = MemoryBank(model, tokenizer)
+    bank.add("mem00", engine)
+    check = PROMPTS[:3]
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    outs = MemoryLLM(llm, bank).generate(check * 2, ["mem00"] * 3 + [None] * 3, greedy)
+    same = [o.text == engine.generate(p, max_new_tokens=args.max_tokens, do_sample=False, use_memory=m is not None)
+            for o, p, m in zip(outs, check * 2, ["mem00"] * 3 + [None] * 3)]
+    results.append({"path": "check: vLLM text == engine.generate text (greedy)",
+                    "memory_speaks": f"{sum(same[:3])}/3", "no_memory": f"{sum(same[3:])}/3"})
+    print(json.dumps(results[-1]), flush=True)
+    return [plain, *extra_rows, *results]
 
 
 def run_online(args, model, tokenizer, ks) -> list[dict]:
@@ -163,13 +197,18 @@ def run_online(args, model, tokenizer, ks) -> list[dict]:
             served = (await direct.models.list()).data[0].id
             await one(direct, served, "Hello")  # warm-up
             await one(via, "mem00", "Hello")
-            wall, lat, tokens = await burst(direct, [served] * len(prompts))
-            plain = summarize("plain vLLM server (OpenAI client, text prompts)", wall, lat, tokens)
+            runs = [await burst(direct, [served] * len(prompts)) for _ in range(args.repeat)]
+            wall, lat, tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            plain = summarize("plain vLLM server (OpenAI client, text prompts)", wall, lat, tokens,
+                              {"runs_wall_s": [round(r[0], 3) for r in runs]})
             print(json.dumps(plain), flush=True)
             rows = [plain]
             for k in ks:
-                wall, lat, tokens = await burst(via, [f"mem{j % k:02d}" for j in range(len(prompts))])
-                row = summarize(f"memory front, {k} memories", wall, lat, tokens, {"memories": k})
+                runs = [await burst(via, [f"mem{j % k:02d}" for j in range(len(prompts))])
+                        for _ in range(args.repeat)]
+                wall, lat, tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+                row = summarize(f"memory front, {k} memories", wall, lat, tokens,
+                                {"memories": k, "runs_wall_s": [round(r[0], 3) for r in runs]})
                 row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
                 row["latency_ratio_vs_plain"] = round(row["latency_mean_s"] / plain["latency_mean_s"], 3)
                 print(json.dumps(row), flush=True)
@@ -189,6 +228,7 @@ def main() -> int:
     p.add_argument("--memories", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=32, help="requests sent at once per run (default 32)")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median run is reported")
     p.add_argument("--port", type=int, default=8010)
     p.add_argument("--vllm-port", type=int, default=8011)
     p.add_argument("--vllm-log", default="/tmp/hf_titans_bench_vllm.log")
@@ -207,7 +247,7 @@ def main() -> int:
         load = os.getloadavg()
     except OSError:
         load = None
-    report = {"mode": args.mode, "requests": args.requests, "max_tokens": args.max_tokens,
+    report = {"mode": args.mode, "requests": args.requests, "max_tokens": args.max_tokens, "repeat": args.repeat,
               "model": "SmolLM2-135M-Instruct (fp32)", "device": "CPU", "cpus": os.cpu_count(),
               "load_average_after": load, "torch": torch.__version__, "python": platform.python_version(),
               "seconds": round(time.perf_counter() - started, 1), "results": rows}

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="an extra argument for vllm serve (repeat; e.g. --vllm-arg=--enforce-eager)")
     p.add_argument("--vllm-log", help="file for the vLLM server's output (default: discarded)")
+    p.add_argument("--vllm-executable", help="run `EXECUTABLE serve MODEL ...` (e.g. vllm) instead of "
+                                             "`python -m vllm.entrypoints.openai.api_server --model MODEL ...`")
     p.add_argument("--check-interval", type=float, default=1.0, help="seconds between checks of memory folders")
     p.add_argument("--hub-check-interval", type=float, default=60.0, help="seconds between Hub revision checks")
     p.add_argument("--ignore-base-mismatch", action="store_true", help="load memories written through another base")
@@ -87,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if upstream is None:
         served = args.model or str(default_model_dir())
         server = VLLMServer(served, port=args.vllm_port, dtype=args.vllm_dtype, max_model_len=args.max_model_len,
-                            extra_args=args.vllm_arg, log_path=args.vllm_log)
+                            extra_args=args.vllm_arg, log_path=args.vllm_log, executable=args.vllm_executable)
         logger.info("starting vLLM on %s (%s)", server.url, " ".join(server.command))
         server.start()
         upstream = server.url
