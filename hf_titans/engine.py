@@ -317,6 +317,14 @@ class HybridTitansEngine:
                 first = int(mask[i].argmax())
                 lo = min(first + cfg.min_prefix_tokens - 1, t - 1)
                 prefixes.append(torch.arange(lo, t, device=self.device))
+            # Self-distillation rehearsal: keys written by earlier calls keep the soft prompts the memory gave them
+            # before this call (targets from the memory itself, nothing stored); keys this call rewrites are free.
+            bank = self.memory.rehearsal_keys()
+            if len(bank):
+                near = (bank @ keys[mask.bool()].float().T).max(dim=1).values > 0.95
+                bank = bank[~near]
+            with torch.no_grad():
+                anchors = (bank, self.memory.read(bank)[0]) if len(bank) else None
             todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
             steps = [0] * len(texts)
             histories: list[list[float]] = [[] for _ in texts]
@@ -329,7 +337,7 @@ class HybridTitansEngine:
                     finished: list[int] = []
                     for group_start in range(0, len(todo), 4):
                         group = todo[group_start:group_start + 4]
-                        applied = self._step(ids, mask, keys, prefixes, group, gen, report, histories)
+                        applied = self._step(ids, mask, keys, prefixes, group, gen, report, histories, anchors)
                         if applied is None:  # skipped (non-finite): nothing was written
                             continue
                         finished += applied
@@ -359,7 +367,7 @@ class HybridTitansEngine:
         report.seconds = time.perf_counter() - start
         return report
 
-    def _step(self, ids, mask, keys, prefixes, group, gen, report, histories) -> list[int] | None:
+    def _step(self, ids, mask, keys, prefixes, group, gen, report, histories, anchors=None) -> list[int] | None:
         """One Titans update on a group of texts, each read from a few of its prefixes in one batched pass.
 
         Returns the texts of the group that are now written, or ``None`` if the update was skipped."""
@@ -386,6 +394,9 @@ class HybridTitansEngine:
         assoc = self.memory.assoc_loss(call_keys)
         earlier = self.memory.rehearsal_keys()
         rehearsal = self.memory.assoc_loss(earlier).mean() if len(earlier) else assoc.new_zeros(())
+        if anchors is not None:
+            drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
+            rehearsal = rehearsal + drift.pow(2).mean()
         loss = nll.mean() + assoc.mean() + rehearsal
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):

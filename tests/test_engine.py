@@ -257,3 +257,14 @@ def test_prompt_embeds_match_generate_inputs(tiny_llama):
     assert embeds.shape == (engine.config.n_memory_tokens + n_tokens, model.config.hidden_size)
     out = model.generate(inputs_embeds=embeds[None], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert tok.decode(out[0], skip_special_tokens=True) == engine.generate(PROMPT, max_new_tokens=5)
+
+
+def test_a_later_write_keeps_earlier_facts(tiny_llama):
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    first = engine.generate(PROMPT, max_new_tokens=3)
+    assert first.strip().startswith("delta")
+    engine.teach(["Once upon a time there was a king who lived in a castle."])
+    assert engine.familiarity(PROMPT) >= engine.config.familiarity_threshold
+    assert engine.generate(PROMPT, max_new_tokens=3) == first
