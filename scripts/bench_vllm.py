@@ -10,8 +10,11 @@ Each run sends ``--requests`` requests at once, request ``j`` naming memory ``j 
 memories in flight) and prompt ``j`` (all prompts differ). Every memory speaks for every prompt (a fresh memory
 with ``familiarity_threshold=-1``, seeds 0..k-1: its own random soft prompt), so every request takes the
 prompt-embeds path: the worst case. (A silent memory sends the bare model's token ids, which is plain vLLM.)
-Generation is greedy with ``ignore_eos`` so every request makes exactly ``--max-tokens`` tokens. One run of each
-(``--repeat N``: N runs, the median reported, all wall times listed); results go to stdout and ``--out`` as JSON. Needs vLLM (the serve extra); run under ``if __name__ == "__main__"``.
+Generation is greedy with ``ignore_eos`` so every request makes exactly ``--max-tokens`` tokens. A round runs every
+path once, back to back; ``--repeat N`` runs N rounds and reports medians, the ratios to plain vLLM taken within
+each round (on a shared machine, load comes in bursts that then hit all paths of a round alike), and every round's
+wall time. Offline mode also checks vLLM's greedy text against ``engine.generate``. Results go to stdout and
+``--out`` as JSON. Needs vLLM (the serve extra); run under ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
@@ -54,11 +57,6 @@ def summarize(name: str, wall: float, latencies: list[float], tokens: int, extra
     return out
 
 
-def median_run(runs: list) -> tuple:
-    """The run with the median wall time (runs are ``(wall, data)``)."""
-    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-
-
 def make_memories(model, tokenizer, k: int):
     """k memories that speak for every prompt, each with its own soft prompt (seed)."""
     from hf_titans import HybridTitansEngine, MemoryConfig
@@ -67,10 +65,35 @@ def make_memories(model, tokenizer, k: int):
             for i in range(k)}
 
 
+def rounds_report(names: list[str], rounds: list[dict[str, dict]], plain: str) -> list[dict]:
+    """Per path: the median over rounds of wall time, throughput, latencies, and of the ratio to the plain path
+    measured in the same round (the paths of a round run back to back, so a burst of load on a shared machine hits
+    them alike); every round's wall time is listed."""
+    rows = []
+    for name in names:
+        runs = [r[name] for r in rounds]
+        med = lambda key: round(statistics.median(run[key] for run in runs), 3)  # noqa: E731
+        row = {"path": name, "requests": runs[0]["requests"], "output_tokens": runs[0]["output_tokens"],
+               "wall_s": med("wall_s"), "tokens_per_s": med("tokens_per_s"), "latency_mean_s": med("latency_mean_s"),
+               "latency_p50_s": med("latency_p50_s"), "latency_max_s": med("latency_max_s"),
+               "rounds_wall_s": [run["wall_s"] for run in runs]}
+        for key in ("memories", "embed_s", "generate_s"):
+            if key in runs[0]:
+                row[key] = med(key)
+        if name != plain:
+            row["throughput_ratio_vs_plain"] = round(statistics.median(
+                r[name]["tokens_per_s"] / r[plain]["tokens_per_s"] for r in rounds), 3)
+            row["latency_ratio_vs_plain"] = round(statistics.median(
+                r[name]["latency_mean_s"] / r[plain]["latency_mean_s"] for r in rounds), 3)
+        rows.append(row)
+    return rows
+
+
 def run_offline(args, model, tokenizer, ks) -> list[dict]:
     from vllm import SamplingParams
 
     from hf_titans.serving import MemoryBank, MemoryLLM, make_llm
+    from hf_titans.serving.vllm import vllm_inputs
 
     started = time.perf_counter()
     llm = make_llm(max_num_seqs=max(args.requests, 8), disable_log_stats=False)
@@ -78,78 +101,68 @@ def run_offline(args, model, tokenizer, ks) -> list[dict]:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = [PROMPTS[j % len(PROMPTS)] for j in range(args.requests)]
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-    results = []
-
-    def timed(fn):
-        t = time.perf_counter()
-        outputs = fn()
-        return time.perf_counter() - t, outputs
 
     def latencies(outputs, wall):
         out = []
-        for o in outputs:  # vLLM's per-request timings when it keeps them, else the batch's wall time
-            m = getattr(o, "metrics", None)  # engine-core monotonic stamps: queued -> last token
+        for o in outputs:  # engine-core monotonic stamps, queued -> last token, when vLLM keeps them
+            m = getattr(o, "metrics", None)
             queued, last = getattr(m, "queued_ts", None), getattr(m, "last_token_ts", None)
             out.append(last - queued if (last and queued and last > queued) else wall)
         return out
 
-    runs = [timed(lambda: llm.generate(prompts, params, use_tqdm=False)) for _ in range(args.repeat)]
-    wall, outs = median_run(runs)
-    plain = summarize("plain vLLM (text prompts)", wall, latencies(outs, wall),
-                      sum(len(o.outputs[0].token_ids) for o in outs), {"runs_wall_s": [round(r[0], 3) for r in runs]})
-    print(json.dumps(plain), flush=True)
-    # The prompt-embeds path without a memory: the prompts' own token embeddings (isolates the path's cost from
-    # the soft prompt's extra positions).
-    from hf_titans.serving.vllm import vllm_inputs
+    def tokens(outputs):
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    bare = MemoryBank(model, tokenizer).embed(prompts, None)
-    runs = [timed(lambda: llm.generate(vllm_inputs(bare, silent_as_tokens=False), params, use_tqdm=False))
-            for _ in range(args.repeat)]
-    wall, outs = median_run(runs)
-    row = summarize("vLLM, prompt_embeds of the bare tokens (no memory)", wall, latencies(outs, wall),
-                    sum(len(o.outputs[0].token_ids) for o in outs), {"runs_wall_s": [round(r[0], 3) for r in runs]})
-    row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
-    print(json.dumps(row), flush=True)
-    extra_rows = [row]
+    banks = {}
+    all_memories = make_memories(model, tokenizer, max(ks))
     for k in ks:
-        bank = MemoryBank(model, tokenizer)
-        for name, engine in make_memories(model, tokenizer, k).items():
-            bank.add(name, engine)
-        memories = [f"mem{j % k:02d}" for j in range(args.requests)]
-        runner = MemoryLLM(llm, bank)
-        def once():
-            t = time.perf_counter()
-            items = bank.embed(prompts, memories)
-            embed_s = time.perf_counter() - t
-            assert all(i.speaks for i in items)
-            gen_s, outs = timed(lambda: llm.generate(vllm_inputs(items), params, use_tqdm=False))
-            return embed_s + gen_s, (outs, embed_s, gen_s)
+        banks[k] = MemoryBank(model, tokenizer)
+        for name in list(all_memories)[:k]:
+            banks[k].add(name, all_memories[name])
+    bare_bank = MemoryBank(model, tokenizer)
+    plain_name, bare_name = "plain vLLM (text prompts)", "vLLM, prompt_embeds of the bare tokens (no memory)"
+    names = [plain_name, bare_name] + [f"memory, {k} memories" for k in ks]
 
-        runs = [once() for _ in range(args.repeat)]
-        wall, (outs, embed_s, gen_s) = median_run(runs)
-        row = summarize(f"memory, {k} memories", wall, [x + embed_s for x in latencies(outs, gen_s)],
-                        sum(len(o.outputs[0].token_ids) for o in outs),
-                        {"memories": k, "embed_s": round(embed_s, 3), "generate_s": round(gen_s, 3),
-                         "runs_wall_s": [round(r[0], 3) for r in runs]})
-        row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
-        row["latency_ratio_vs_plain"] = round(row["latency_mean_s"] / plain["latency_mean_s"], 3)
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        del runner
+    def plain():
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        return summarize(plain_name, wall, latencies(outs, wall), tokens(outs))
+
+    def with_bank(name, bank, memories, silent_as_tokens=True, k=None):
+        t = time.perf_counter()
+        items = bank.embed(prompts, memories)
+        embed_s = time.perf_counter() - t
+        assert k is None or all(i.speaks for i in items)
+        t = time.perf_counter()
+        outs = llm.generate(vllm_inputs(items, silent_as_tokens), params, use_tqdm=False)
+        gen_s = time.perf_counter() - t
+        extra = {"embed_s": round(embed_s, 3), "generate_s": round(gen_s, 3)}
+        if k is not None:
+            extra["memories"] = k
+        return summarize(name, embed_s + gen_s, [x + embed_s for x in latencies(outs, gen_s)], tokens(outs), extra)
+
+    rounds = []
+    for r in range(args.repeat):
+        result = {plain_name: plain()}
+        result[bare_name] = with_bank(bare_name, bare_bank, None, silent_as_tokens=False)
+        for k in ks:
+            name = f"memory, {k} memories"
+            result[name] = with_bank(name, banks[k], [f"mem{j % k:02d}" for j in range(len(prompts))], k=k)
+        print(f"round {r + 1}: " + json.dumps({n: v["wall_s"] for n, v in result.items()}), flush=True)
+        rounds.append(result)
+    rows = rounds_report(names, rounds, plain_name)
     # Correctness of the same path: vLLM's greedy answers from a memory's prompt embeddings (and from the bare
-    # token ids) against the engine's own transformers generate(), token for token.
-    engine = make_memories(model, tokenizer, 1)["mem00"]
-    bank = MemoryBank(model, tokenizer)
-    bank.add("mem00", engine)
-    check = PROMPTS[:3]
+    # token ids) against the engine's own transformers generate().
+    engine = all_memories["mem00"]
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    outs = MemoryLLM(llm, bank).generate(check * 2, ["mem00"] * 3 + [None] * 3, greedy)
+    check = PROMPTS[:3]
+    outs = MemoryLLM(llm, banks[ks[0]]).generate(check * 2, ["mem00"] * 3 + [None] * 3, greedy)
     same = [o.text == engine.generate(p, max_new_tokens=args.max_tokens, do_sample=False, use_memory=m is not None)
             for o, p, m in zip(outs, check * 2, ["mem00"] * 3 + [None] * 3)]
-    results.append({"path": "check: vLLM text == engine.generate text (greedy)",
-                    "memory_speaks": f"{sum(same[:3])}/3", "no_memory": f"{sum(same[3:])}/3"})
-    print(json.dumps(results[-1]), flush=True)
-    return [plain, *extra_rows, *results]
+    rows.append({"path": "check: vLLM text == engine.generate text (greedy)",
+                 "memory_speaks": f"{sum(same[:3])}/3", "no_memory": f"{sum(same[3:])}/3"})
+    return rows
 
 
 def run_online(args, model, tokenizer, ks) -> list[dict]:
@@ -188,32 +201,28 @@ def run_online(args, model, tokenizer, ks) -> list[dict]:
                                                 temperature=0, extra_body=extra)
             return time.perf_counter() - t, r.usage.completion_tokens
 
-        async def burst(client, models):
+        async def burst(name, client, models, extra_fields=None):
             t = time.perf_counter()
             done = await asyncio.gather(*(one(client, m, p) for m, p in zip(models, prompts)))
-            return time.perf_counter() - t, [d[0] for d in done], sum(d[1] for d in done)
+            return summarize(name, time.perf_counter() - t, [d[0] for d in done], sum(d[1] for d in done),
+                             extra_fields)
 
         async def main():
             served = (await direct.models.list()).data[0].id
             await one(direct, served, "Hello")  # warm-up
             await one(via, "mem00", "Hello")
-            runs = [await burst(direct, [served] * len(prompts)) for _ in range(args.repeat)]
-            wall, lat, tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-            plain = summarize("plain vLLM server (OpenAI client, text prompts)", wall, lat, tokens,
-                              {"runs_wall_s": [round(r[0], 3) for r in runs]})
-            print(json.dumps(plain), flush=True)
-            rows = [plain]
-            for k in ks:
-                runs = [await burst(via, [f"mem{j % k:02d}" for j in range(len(prompts))])
-                        for _ in range(args.repeat)]
-                wall, lat, tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-                row = summarize(f"memory front, {k} memories", wall, lat, tokens,
-                                {"memories": k, "runs_wall_s": [round(r[0], 3) for r in runs]})
-                row["throughput_ratio_vs_plain"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
-                row["latency_ratio_vs_plain"] = round(row["latency_mean_s"] / plain["latency_mean_s"], 3)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-            return rows
+            plain_name = "plain vLLM server (OpenAI client, text prompts)"
+            names = [plain_name] + [f"memory front, {k} memories" for k in ks]
+            rounds = []
+            for r in range(args.repeat):
+                result = {plain_name: await burst(plain_name, direct, [served] * len(prompts))}
+                for k in ks:
+                    name = f"memory front, {k} memories"
+                    result[name] = await burst(name, via, [f"mem{j % k:02d}" for j in range(len(prompts))],
+                                               {"memories": k})
+                print(f"round {r + 1}: " + json.dumps({n: v["wall_s"] for n, v in result.items()}), flush=True)
+                rounds.append(result)
+            return rounds_report(names, rounds, plain_name)
 
         return asyncio.run(main())
     finally:
@@ -228,7 +237,8 @@ def main() -> int:
     p.add_argument("--memories", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=32, help="requests sent at once per run (default 32)")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median run is reported")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds; each runs every path back to back, medians over rounds are reported")
     p.add_argument("--port", type=int, default=8010)
     p.add_argument("--vllm-port", type=int, default=8011)
     p.add_argument("--vllm-log", default="/tmp/hf_titans_bench_vllm.log")
