@@ -176,7 +176,9 @@ def run_needle(model, tokenizer, lengths: Sequence[int], trials: int, fillers: S
                          "needle_token": hay["needle_token"], "depth": hay["depth"], **answers,
                          "needle_written": any(hay["key"] in s for s in stats.spans_written),
                          "read": {k: v for k, v in stats.to_dict().items() if k != "chunks"},
-                         "written_spans": [(c.index, s) for c in stats.chunks for s in c.spans]}
+                         "written_spans": [(c.index, s) for c in stats.chunks for s in c.spans],
+                         "chunk_surprise": [round(c.surprise, 4) for c in stats.chunks],
+                         "chunk_familiarity": [round(c.familiarity, 4) for c in stats.chunks]}
                 if baseline:
                     t0 = time.perf_counter()
                     answer = bare_on_last_window(model, tokenizer, hay["text"], window, QUESTION, max_new_tokens)
