@@ -347,6 +347,8 @@ class HybridTitansEngine:
                     bar.set_postfix(loss=f"{max(histories[i][-1] for i in todo):.3f}" if histories[todo[0]] else "-",
                                     written=f"{len(finished)}/{len(todo)}")
                     if len(finished) == len(todo):
+                        bar.total = bar.n  # finished early: the bar ends full
+                        bar.refresh()
                         break
             with torch.no_grad():
                 after, familiarity = self._gated_nll(ids, mask)

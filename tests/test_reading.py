@@ -28,10 +28,10 @@ def reader_lm(tokenizer):
     """A tiny Llama that knows the filler (trained on it), so only the needle surprises it."""
     torch.manual_seed(0)
     model = make_model("llama", len(tokenizer))
-    ids = tokenizer(FILLER * 6, return_tensors="pt").input_ids
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids = tokenizer(FILLER * 3, return_tensors="pt").input_ids
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(25):
         loss = model(ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
