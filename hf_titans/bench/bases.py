@@ -32,7 +32,11 @@ def load_kwargs(base: str) -> dict:
     raise ValueError(f"unknown base {base!r}; choose from {', '.join(BASES)}")
 
 
-def run_one(base: str) -> dict:
+def run_one(base: str, threads: int | None = None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from hf_titans import HybridTitansEngine, load_base_model
     from hf_titans.demo import run_total_recall
 
@@ -52,15 +56,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated subset of " + ",".join(BASES))
     parser.add_argument("--out", default="results/bases", help="folder for results.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds at most per base (a row says so)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.threads)))
         return 0
     rows = []
     for base in args.bases.split(","):
-        proc = subprocess.run([sys.executable, "-m", "hf_titans.bench.bases", "--one", base],
-                              capture_output=True, text=True)
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        try:
+            proc = subprocess.run([sys.executable, "-m", "hf_titans.bench.bases", "--one", base, *threads],
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"base": base, "error": f"did not finish within {args.timeout:.0f} s"})
+            print(rows[-1], file=sys.stderr)
+            continue
         if proc.returncode != 0:
             rows.append({"base": base, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
         else:
