@@ -64,7 +64,7 @@ CARD_TAGS = ["hf_titans", "titans", "neural-memory", "test-time-learning", "memo
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 _TOP_KEYS = {"format", "format_version", "hf_titans_version", "memory_config", "base_model", "engine", "files"}
-_BASE_KEYS = {"name_or_path", "revision", "hidden_size", "vocab_size", "embedding_fingerprint"}
+_BASE_KEYS = {"name_or_path", "revision", "hidden_size", "vocab_size", "embedding_fingerprint", "adapter_fingerprint"}
 _ENGINE_KEYS = {"updates", "skipped_nonfinite", "taught_count"}
 _FILES_KEYS = {"weights", "taught_log"}
 _FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -101,6 +101,33 @@ def embedding_fingerprint(model: nn.Module) -> str:
     return digest
 
 
+def adapter_fingerprint(model: nn.Module) -> Optional[str]:
+    """``"sha256:<hex>"`` over the names and float32 bytes of the PEFT adapter weights on ``model``, or None.
+
+    Covers a ``peft.PeftModel`` and adapters loaded with transformers' ``load_adapter``: the memory was written
+    through the base *with* its adapter, so it must not be loaded onto the base without it (or with another one).
+    """
+    if not getattr(model, "peft_config", None):
+        return None
+    if getattr(model, "_hf_peft_config_loaded", False):  # transformers' PEFT integration (model.load_adapter)
+        state = model.get_adapter_state_dict()
+    else:  # a peft.PeftModel
+        from peft import get_peft_model_state_dict
+
+        # Named as transformers' integration names them, so both ways of loading one adapter agree.
+        state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+    if not state:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_meta:
+            raise ValueError(f"the adapter weight {name!r} is on the meta device (offloaded); load it to fingerprint")
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
 def _name_or_path(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
 
@@ -117,7 +144,7 @@ def base_model_info(model: nn.Module, revision: Optional[str] = None) -> dict[st
     name = _name_or_path(model)
     return {"name_or_path": name, "revision": revision or _revision_from_path(name),
             "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
-            "embedding_fingerprint": embedding_fingerprint(model)}
+            "embedding_fingerprint": embedding_fingerprint(model), "adapter_fingerprint": adapter_fingerprint(model)}
 
 
 def _describe(name: str) -> str:
@@ -143,6 +170,23 @@ def check_base_model(base: dict[str, Any], model: nn.Module, ignore_base_mismatc
             f"{fingerprint[:19]}...): the input embeddings differ, so the memory's keys and soft prompts would not "
             f"mean the same thing. Load it onto {saved}, or pass ignore_base_mismatch=True if you know the two "
             f"models are compatible (e.g. the same weights in another dtype).")
+        if not ignore_base_mismatch:
+            raise ValueError(message)
+        logger.warning("ignore_base_mismatch=True: %s", message)
+    saved_adapter, adapter = base.get("adapter_fingerprint"), adapter_fingerprint(model)
+    if saved_adapter != adapter:
+        if saved_adapter is None:
+            problem = f"without a PEFT adapter, but {here} carries one ({adapter[:19]}...)"
+            fix = "load it onto the base model loaded without the adapter"
+        elif adapter is None:
+            problem = f"with a PEFT adapter ({saved_adapter[:19]}...), but {here} has none"
+            fix = "load the same adapter onto the base first (PeftModel.from_pretrained), no merge needed"
+        else:
+            problem = f"with the PEFT adapter {saved_adapter[:19]}..., but {here} carries another ({adapter[:19]}...)"
+            fix = "load the adapter the memory was written through"
+        message = (f"{source} was written through {saved} {problem}: the model's layers differ, so the memory's "
+                   f"soft prompts would not mean the same thing. {fix[0].upper() + fix[1:]}, or pass "
+                   f"ignore_base_mismatch=True if you know they are compatible.")
         if not ignore_base_mismatch:
             raise ValueError(message)
         logger.warning("ignore_base_mismatch=True: %s", message)
@@ -213,6 +257,8 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
     if not isinstance(data["hf_titans_version"], str):
         raise _fail(source, "hf_titans_version must be a string")
     data["memory_config"] = MemoryConfig.from_dict(data["memory_config"], source=f"{source} memory_config")
+    if isinstance(data["base_model"], dict):  # format 1 checkpoints written before adapters were fingerprinted
+        data["base_model"].setdefault("adapter_fingerprint", None)
     base = _check_keys(data["base_model"], _BASE_KEYS, "base_model", source)
     if not isinstance(base["name_or_path"], str):
         raise _fail(source, f"base_model.name_or_path must be a string, got {base['name_or_path']!r}")
@@ -222,6 +268,9 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
     _count(base["vocab_size"], "base_model.vocab_size", source, 1)
     if not isinstance(base["embedding_fingerprint"], str) or not _FINGERPRINT_RE.fullmatch(base["embedding_fingerprint"]):
         raise _fail(source, "base_model.embedding_fingerprint must be 'sha256:' and 64 hex digits")
+    adapter = base["adapter_fingerprint"]
+    if adapter is not None and (not isinstance(adapter, str) or not _FINGERPRINT_RE.fullmatch(adapter)):
+        raise _fail(source, "base_model.adapter_fingerprint must be null or 'sha256:' and 64 hex digits")
     engine = _check_keys(data["engine"], _ENGINE_KEYS, "engine", source)
     for key in _ENGINE_KEYS:
         _count(engine[key], f"engine.{key}", source)

@@ -46,6 +46,34 @@ def test_peft_wrapped_base_keeps_adapter_frozen(tokenizer):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_memory_written_through_an_adapter_is_refused_without_it(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    plain = make_model("llama", len(tokenizer))
+    torch.manual_seed(0)
+    adapted = peft.get_peft_model(make_model("llama", len(tokenizer)),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    engine = HybridTitansEngine(adapted, tokenizer, TINY)
+    engine.teach([FACT])
+    engine.save_pretrained(tmp_path / "with-adapter")
+    # Same embeddings (same seed), so only the adapter fingerprint can tell the two bases apart.
+    with pytest.raises(ValueError, match="with a PEFT adapter .* has none"):
+        HybridTitansEngine.from_pretrained(plain, tmp_path / "with-adapter", tokenizer=tokenizer)
+    reloaded = HybridTitansEngine.from_pretrained(adapted, tmp_path / "with-adapter", tokenizer=tokenizer)
+    assert reloaded.generate(PROMPT, max_new_tokens=3) == engine.generate(PROMPT, max_new_tokens=3)
+    # The same adapter loaded through transformers' own integration is the same base.
+    adapted.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    integrated = make_model("llama", len(tokenizer))
+    integrated.load_adapter(tmp_path / "adapter")
+    assert HybridTitansEngine.from_pretrained(integrated, tmp_path / "with-adapter", tokenizer=tokenizer) is not None
+    HybridTitansEngine(plain, tokenizer, TINY).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="without a PEFT adapter"):
+        HybridTitansEngine.from_pretrained(adapted, tmp_path / "plain", tokenizer=tokenizer)
+    assert HybridTitansEngine.from_pretrained(adapted, tmp_path / "plain", tokenizer=tokenizer,
+                                              ignore_base_mismatch=True) is not None
+
+
 def test_accelerate_device_map_with_disk_offload(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
