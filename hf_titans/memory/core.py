@@ -128,10 +128,15 @@ class NeuralMemory(nn.Module):
         linears = [m for m in self.assoc_net if isinstance(m, nn.Linear)]
         linears[-1].weight.zero_()
         if self.spec.needs_simplex:
-            # Memora's memory lives on the simplex (MIRAS eq. 27): the random first layer becomes near-uniform
-            # rows, the zero last layer uniform rows, so M(k) is constant before any write and its LayerNorm
+            # Memora's memory lives on the (scaled) simplex (MIRAS eq. 27): the random first layer becomes
+            # near-uniform rows, the zero last layer uniform rows, so M(k) is constant before any write and its LayerNorm
             # head outputs ~0 for every key (every key unfamiliar).
-            to_simplex_(self.assoc_net.parameters())
+            # MIRAS leaves the mass c of each slice free; c = sqrt(fan-in) per weight row gives pre-activations of
+            # the scale a standard initialisation has (c = 1 leaves them ~1/sqrt(d) and the memory barely learns).
+            for m in linears:
+                to_simplex_([m.weight], mass=m.in_features ** 0.5)
+                if m.bias is not None:
+                    to_simplex_([m.bias])
 
     # ------------------------------------------------------------------ parameters by role
     def reader_parameters(self) -> list[nn.Parameter]:
