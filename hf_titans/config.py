@@ -6,15 +6,30 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Union, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-VARIANTS = ("titans",)
-MODES = ("mac",)
+#: Memory variants (the registry :data:`hf_titans.memory.VARIANTS` holds their maths; a test keeps both equal).
+VARIANTS = ("titans", "moneta", "yaad", "memora", "ttt_linear")
+#: How the memory reaches the frozen model: memory as context, as gate, as layer (Titans sec. 4).
+MODES = ("mac", "mag", "mal")
 
 
 @dataclass
 class MemoryConfig:
     """Hyper-parameters of a :class:`~hf_titans.memory.NeuralMemory` and of how the engine uses it.
+
+    Variant and integration (docs/variants.md):
+        variant: how the associative memory is written: ``titans`` (l2 bias, momentum + forgetting, Titans
+            eqs. 12-14), ``moneta`` / ``yaad`` / ``memora`` (MIRAS sec. 5.3, eqs. 24, 26, 27), ``ttt_linear``
+            (a linear memory written by gradient descent, TTT eqs. 2-6).
+        inner_optimizer: ``None`` (the variant's own rule) or a Nested-Learning inner optimizer ``"gd"``,
+            ``"momentum"``, ``"m3"`` for the variants whose retention is l2 (titans, yaad, ttt_linear).
+        mode: ``mac`` (soft prompt before the prompt), ``mag`` (a gated memory branch added to the residual
+            stream after decoder layer ``memory_layer``) or ``mal`` (the memory transforms the hidden states
+            entering decoder layer ``memory_layer``).
+        memory_layer: the decoder layer ``mag`` and ``mal`` act on (ignored by ``mac``).
+        n_persistent_tokens: learnable task tokens put in front of every prompt (Titans sec. 3.3); they change
+            only through :meth:`~hf_titans.HybridTitansEngine.fit_persistent`, never at test time. 0 disables.
 
     Memory network (Titans, arXiv 2501.00663, sec. 3.1):
         n_memory_tokens: soft-prompt vectors the memory writes in front of a prompt (memory as context).
@@ -58,7 +73,10 @@ class MemoryConfig:
     """
 
     variant: str = "titans"
+    inner_optimizer: Optional[str] = None
     mode: str = "mac"
+    memory_layer: int = 8
+    n_persistent_tokens: int = 0
     n_memory_tokens: int = 8
     memory_hidden: int = 128
     memory_depth: int = 2
@@ -93,6 +111,12 @@ class MemoryConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = hints[f.name]
+            if get_origin(expected) is Union:  # Optional[str]
+                allowed = get_args(expected)
+                if not isinstance(value, allowed) or isinstance(value, bool):
+                    names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+                    raise TypeError(f"{source}: '{f.name}' must be {names}, got {type(value).__name__} ({value!r})")
+                continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, f.name, value)
@@ -104,6 +128,19 @@ class MemoryConfig:
             raise ValueError(f"{source}: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.mode not in MODES:
             raise ValueError(f"{source}: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.inner_optimizer is not None:
+            from .memory.variants import INNER_OPTIMIZERS, get_variant
+
+            allowed = get_variant(self.variant).inner_optimizers
+            if self.inner_optimizer not in INNER_OPTIMIZERS:
+                raise ValueError(f"{source}: unknown inner_optimizer {self.inner_optimizer!r}; choose one of "
+                                 f"{', '.join(INNER_OPTIMIZERS)}, or null for the variant's own rule")
+            if self.inner_optimizer not in allowed:
+                hint = (f"choose one of {', '.join(allowed)} or null" if allowed else
+                        "its update rule is its own geometry; set inner_optimizer to null (or use titans, yaad "
+                        "or ttt_linear)")
+                raise ValueError(f"{source}: variant {self.variant!r} does not take inner_optimizer "
+                                 f"{self.inner_optimizer!r}; {hint}")
         positive_ints = ("n_memory_tokens", "memory_hidden", "assoc_dim", "max_steps", "min_prefix_tokens",
                          "prefixes_per_step", "read_max_spans")
         for name in positive_ints:
@@ -111,7 +148,8 @@ class MemoryConfig:
                 raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
-        for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys"):
+        for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys", "memory_layer",
+                     "n_persistent_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "assoc_lr", "max_grad_norm"):

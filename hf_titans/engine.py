@@ -10,6 +10,7 @@ The base model is never part of the memory's module tree and never changes; only
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -24,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MemoryConfig
-from .injection import hidden_at_layer, input_embeddings, join_soft_prompts, prefix_means
-from .memory import NeuralMemory, TitansOptimizer
+from .injection import LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix, prefix_means
+from .memory import NeuralMemory, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,12 @@ class HybridTitansEngine:
         self.skipped_nonfinite = 0
         self.updates = 0
         self.taught: list[str] = []
+        self._hooked = False  # a LayerMemoryHook is active (mag / mal): do not stack a second one
+        if config.mode != "mac":
+            n_layers = len(decoder_layers(model))
+            if config.memory_layer >= n_layers:
+                raise ValueError(f"memory_layer={config.memory_layer} but {type(model).__name__} has {n_layers} "
+                                 f"decoder layers; set memory_layer to 0..{n_layers - 1} for mode {config.mode!r}")
         self._build_memory()
 
     # ------------------------------------------------------------------ memory lifecycle
@@ -135,18 +142,19 @@ class HybridTitansEngine:
         rows = torch.randint(0, weight.shape[0], (cfg.n_memory_tokens,), generator=g)
         prompt_init = weight[rows.to(weight.device)].float().cpu()
         embed_scale = weight.float().std(dim=0).cpu().clamp_min(1e-4)
-        memory = NeuralMemory(cfg, self.hidden_size, prompt_init=prompt_init, embed_scale=embed_scale)
+        persistent_init = None
+        if cfg.n_persistent_tokens:  # task tokens start as embeddings of random vocabulary rows too
+            rows = torch.randint(0, weight.shape[0], (cfg.n_persistent_tokens,), generator=g)
+            persistent_init = weight[rows.to(weight.device)].float().cpu()
+        memory = NeuralMemory(cfg, self.hidden_size, prompt_init=prompt_init, embed_scale=embed_scale,
+                              persistent_init=persistent_init)
         self.memory = memory.to(self.device)
         self._calibrate_keys()
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:
-        cfg = self.config
-        self.optimizer = TitansOptimizer(
-            [{"params": [self.memory.prompt_bias, *self.memory.prompt_net.parameters()]},
-             {"params": list(self.memory.assoc_net.parameters()), "lr": cfg.assoc_lr}],
-            lr=cfg.lr, momentum=cfg.momentum, forget=cfg.forget, max_grad_norm=cfg.max_grad_norm,
-            precondition=cfg.precondition)
+        """The variant's rule for the associative memory, Titans' for the reader (:func:`build_optimizer`)."""
+        self.optimizer = build_optimizer(self.memory, self.config)
 
     @torch.no_grad()
     def _calibrate_keys(self) -> None:
@@ -154,6 +162,12 @@ class HybridTitansEngine:
         raw = self._raw_keys(ids, mask)[:, -1]
         self.memory.key_center.copy_(raw.mean(0))
         self.memory.key_scale.copy_(raw.std(0).clamp_min(1e-3 * float(raw.std(0).mean()) + 1e-8))
+        if self.config.mode != "mac":  # the scale of the hidden states the layer memory writes into
+            hidden = hidden_at_layer(self.model, ids, mask, self.config.memory_layer).float()
+            real = mask.bool().clone()
+            real[torch.arange(len(mask)), mask.argmax(1)] = False  # leave out each row's first (sink) token
+            std = hidden[real].std(0)
+            self.memory.layer_scale.copy_(std.clamp_min(1e-3 * float(std.mean()) + 1e-8))
 
     def reset_memory(self) -> None:
         """Forget everything: a fresh memory with the same config (and seed), momentum cleared."""
@@ -174,7 +188,7 @@ class HybridTitansEngine:
     def _max_tokens(self) -> int:
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10 ** 9
-        return int(limit) - self.config.n_memory_tokens
+        return int(limit) - self.memory.prefix_tokens
 
     def _encode(self, texts: Sequence[str], check_length: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left",
@@ -212,15 +226,56 @@ class HybridTitansEngine:
         return self.memory.normalize_keys(self._raw_keys(ids, mask))
 
     # ------------------------------------------------------------------ the language-model loss
+    def _prefix(self, soft: torch.Tensor | None, speaks: torch.Tensor | None, batch: int,
+                persistent: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The vectors in front of each row: persistent tokens (every row) then the soft prompt (rows that speak).
+
+        Returns ``(prefix (B, n, H), prefix_mask (B, n))`` or ``(None, None)`` when there are none."""
+        parts, masks = [], []
+        n_p = self.config.n_persistent_tokens
+        if persistent and n_p:
+            tokens = self.memory.persistent_tokens
+            parts.append(tokens.unsqueeze(0).expand(batch, *tokens.shape))
+            masks.append(torch.ones(batch, n_p, dtype=torch.bool, device=tokens.device))
+        if soft is not None and soft.shape[1] > 0:
+            parts.append(soft)
+            masks.append(speaks.bool().view(-1, 1).expand(batch, soft.shape[1]).to(soft.device))
+        if not parts:
+            return None, None
+        return torch.cat(parts, 1), torch.cat(masks, 1)
+
+    def _layer_memory(self, speaks: torch.Tensor | None):
+        """MAG / MAL: the layer memory acts inside ``memory_layer`` for the rows that speak (a context manager).
+
+        Nothing is hooked for ``mac``, when no row speaks, or when a hook is already active."""
+        if self.config.mode == "mac" or speaks is None or not bool(speaks.any()) or self._hooked:
+            return contextlib.nullcontext()
+        hook = LayerMemoryHook(self.model, self.config.memory_layer, self.config.mode, self.memory.layer_delta,
+                               speaks)
+
+        @contextlib.contextmanager
+        def active():
+            self._hooked = True
+            try:
+                with hook:
+                    yield
+            finally:
+                self._hooked = False
+
+        return active()
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None,
-                 speaks: torch.Tensor | None, **kwargs: Any):
+                 speaks: torch.Tensor | None, persistent: bool = True, **kwargs: Any):
+        """The frozen model on ``ids`` with the memory where it speaks (``soft`` is None where no row does)."""
         embeds = input_embeddings(self.model)(ids)
-        if soft is None:
+        prefix, prefix_mask = self._prefix(soft, speaks, ids.shape[0], persistent=persistent)
+        if prefix is None:
             full_mask = mask
         else:
-            embeds, full_mask = join_soft_prompts(embeds, mask, soft, speaks)
+            embeds, full_mask = join_prefix(embeds, mask, prefix, prefix_mask)
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, **kwargs)
+        with self._layer_memory(speaks if soft is not None else None):
+            out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, **kwargs)
         return out, full_mask
 
     def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None = None,
@@ -301,6 +356,51 @@ class HybridTitansEngine:
         with self._lock:
             return read_document(self, document, chunk_tokens=chunk_tokens, **kwargs)
 
+    def fit_persistent(self, texts: Union[str, Sequence[str]], steps: int = 100, lr: float = 0.05) -> list[float]:
+        """Fit the persistent memory (Titans sec. 3.3): ``n_persistent_tokens`` task vectors in front of every prompt.
+
+        Trains only the persistent tokens (Adam, ``lr`` in units of the embeddings' per-channel std) to lower the
+        mean next-token NLL of ``texts`` with the long-term memory silent: examples of the task or format they
+        should carry. It is the training-time step of the persistent memory; :meth:`teach` and learning while
+        generating never change it. Returns the loss before each step. On any failure the memory is left as it
+        was.
+        """
+        if not self.config.n_persistent_tokens:
+            raise ValueError("this memory has no persistent tokens (config.n_persistent_tokens is 0); build the "
+                             "engine with MemoryConfig(n_persistent_tokens=4), for example")
+        texts = self._check_texts(texts, "texts")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not (0 < lr < float("inf")):
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        with self._lock:
+            snapshot = self._snapshot()
+            tokens = self.memory.persistent_tokens
+            history: list[float] = []
+            try:
+                ids, mask = self._encode(texts)
+                tokens.requires_grad_(True)
+                opt = torch.optim.Adam([tokens], lr=lr * float(self.memory.embed_scale.mean()))
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._token_nll(ids, mask).mean()
+                    if not torch.isfinite(loss):
+                        warnings.warn("non-finite loss while fitting the persistent tokens; the step was skipped")
+                        continue
+                    loss.backward()
+                    if not torch.isfinite(tokens.grad).all():
+                        warnings.warn("non-finite gradient while fitting the persistent tokens; the step was skipped")
+                        continue
+                    history.append(float(loss.detach()))
+                    opt.step()
+            except BaseException:
+                self._restore(snapshot)
+                raise
+            finally:
+                tokens.requires_grad_(False)
+                tokens.grad = None
+        return history
+
     def _write(self, texts: list[str], max_steps: int, progress: bool = False) -> TeachReport:
         cfg = self.config
         start = time.perf_counter()
@@ -323,8 +423,8 @@ class HybridTitansEngine:
             if len(bank):
                 near = (bank @ keys[mask.bool()].float().T).max(dim=1).values > 0.95
                 bank = bank[~near]
-            with torch.no_grad():
-                anchors = (bank, self.memory.read(bank)[0]) if len(bank) else None
+            with torch.no_grad():  # (mac only: the layer memories of mag / mal have no per-key output to keep)
+                anchors = (bank, self.memory.read(bank)[0]) if len(bank) and cfg.mode == "mac" else None
             todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
             steps = [0] * len(texts)
             histories: list[list[float]] = [[] for _ in texts]
@@ -393,13 +493,15 @@ class HybridTitansEngine:
         # Keys of texts written by earlier calls are rehearsed the same way (the memory's rehearsal buffer).
         call_keys = torch.cat([keys[i, prefixes[i]] for i in range(len(prefixes))])
         owner_of_key = torch.cat([torch.full((len(p),), i) for i, p in enumerate(prefixes)])
-        assoc = self.memory.assoc_loss(call_keys)
+        # The associative memory is written with the variant's attentional bias (Titans eq. 12 / MIRAS eqs. 10,
+        # 16); whether a text is done is judged on the l2 familiarity either way.
+        bias, assoc = self.memory.assoc_losses(call_keys)
         earlier = self.memory.rehearsal_keys()
-        rehearsal = self.memory.assoc_loss(earlier).mean() if len(earlier) else assoc.new_zeros(())
+        rehearsal = self.memory.assoc_losses(earlier)[0].mean() if len(earlier) else bias.new_zeros(())
         if anchors is not None:
             drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
             rehearsal = rehearsal + drift.pow(2).mean()
-        loss = nll.mean() + assoc.mean() + rehearsal
+        loss = nll.mean() + bias.mean() + rehearsal
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.skipped_nonfinite += 1
@@ -432,8 +534,11 @@ class HybridTitansEngine:
         """What the frozen model sees for ``prompt``: the memory is read once per prompt (eq. 15).
 
         Returns ``input_ids`` and ``attention_mask`` (left-padded), ``speaks`` (per prompt: does the memory speak),
-        ``familiarity``, and, when the memory speaks for any prompt, ``inputs_embeds`` with the soft prompts in
-        front of those prompts (other rows get left pads instead) and the matching ``embeds_attention_mask``.
+        ``familiarity``, and, when anything goes in front of a prompt (mac: the soft prompts of the prompts the
+        memory speaks for; persistent tokens: every prompt), ``inputs_embeds`` with those vectors in front (other
+        rows get left pads instead) and the matching ``embeds_attention_mask``. In ``mag`` / ``mal`` mode the
+        memory also acts inside decoder layer ``memory_layer`` for the rows that speak, which these tensors do not
+        carry: :meth:`generate` installs it. ``use_memory=False`` is the bare model (no persistent tokens either).
         """
         texts = self._check_texts(prompt, "prompt")
         with self._lock:
@@ -444,9 +549,10 @@ class HybridTitansEngine:
             if not use_memory:
                 speaks = torch.zeros_like(speaks)
             inputs = {"input_ids": ids, "attention_mask": mask, "speaks": speaks, "familiarity": familiarity,
-                      "soft_prompts": soft}
-            if speaks.any():
-                embeds, full_mask = join_soft_prompts(input_embeddings(self.model)(ids), mask, soft, speaks)
+                      "soft_prompts": soft, "use_memory": use_memory}
+            prefix, prefix_mask = self._prefix(soft, speaks, ids.shape[0], persistent=use_memory)
+            if prefix is not None and bool(prefix_mask.any()):
+                embeds, full_mask = join_prefix(input_embeddings(self.model)(ids), mask, prefix, prefix_mask)
                 inputs["inputs_embeds"] = embeds
                 inputs["embeds_attention_mask"] = full_mask
         return inputs
@@ -458,6 +564,9 @@ class HybridTitansEngine:
         token embeddings."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if self.config.mode != "mac" and use_memory:
+            raise ValueError(f"prompt_embeds carries the memory only in mode 'mac'; in mode {self.config.mode!r} "
+                             "the memory acts inside a decoder layer: use engine.generate(), or a mac memory")
         inputs = self.prepare_inputs(prompt, use_memory=use_memory)
         if "inputs_embeds" in inputs:
             return inputs["inputs_embeds"][0]
@@ -485,10 +594,10 @@ class HybridTitansEngine:
                 kwargs["max_new_tokens"] = 32
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
             surprises = None
-            with torch.no_grad():
+            with torch.no_grad(), self._layer_memory(speaks):
                 if learn:
                     out, surprises = self._generate_learning(inputs, kwargs)
-                elif speaks.any():
+                elif "inputs_embeds" in inputs:
                     out = self.model.generate(inputs_embeds=inputs["inputs_embeds"],
                                               attention_mask=inputs["embeds_attention_mask"], **kwargs)
                 else:  # the memory is silent: exactly the bare model's call
@@ -513,18 +622,19 @@ class HybridTitansEngine:
         ids, mask, speaks, soft = inputs["input_ids"], inputs["attention_mask"], inputs["speaks"], inputs["soft_prompts"]
         if ids.shape[1] < 2:  # a one-token prompt has nothing to be surprised by
             zeros = [0.0] * ids.shape[0]
-            if speaks.any():
+            if "inputs_embeds" in inputs:
                 return self.model.generate(inputs_embeds=inputs["inputs_embeds"],
                                            attention_mask=inputs["embeds_attention_mask"], **kwargs), zeros
             return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:], zeros
-        out, _ = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks, use_cache=True)
+        out, _ = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks,
+                               persistent=inputs["use_memory"], use_cache=True)
         t = ids.shape[1] - 1
         logits = out.logits[:, -t:].float()
         valid = (mask[:, 1:] * mask[:, :-1]).float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="none").view_as(valid)
         surprises = [float(v) for v in (nll * valid).sum(1) / valid.sum(1).clamp_min(1)]
-        if speaks.any():
+        if "inputs_embeds" in inputs:
             embeds, full_mask = inputs["inputs_embeds"], inputs["embeds_attention_mask"]
         else:
             embeds, full_mask = input_embeddings(self.model)(ids), mask

@@ -10,8 +10,11 @@ A memory folder (or Hub model repo) holds:
 * ``config.json``: the :class:`MemoryConfig`, the hf_titans version, the base model (name or path, revision when
   known, hidden size, vocabulary size, sha256 fingerprint of its input embeddings), the engine counters and the
   names of the files below (plain names inside the folder, validated on load).
-* ``model.safetensors``: the memory's ``state_dict()`` (parameters and buffers) and the Titans optimizer state
-  needed to keep learning where it stopped, as ``optimizer.<param>.step|surprise_momentum|second_moment``.
+* ``model.safetensors``: the memory's ``state_dict()`` (parameters and buffers, persistent tokens included) and the
+  optimizer state needed to keep learning where it stopped, as ``optimizer.<param>.<field>``: the fields of the
+  rule that writes that parameter (Titans: ``step``, ``surprise_momentum``, ``second_moment``; Moneta:
+  ``accumulator``; M3: ``step``, ``fast``, ``slow``, ``second``, ``slow_out``, ``block_sum``; GD, Yaad, Memora:
+  none). Which tensors must be there follows from the config's variant, mode and inner optimizer.
 * ``README.md``: a model card (``library_name: hf_titans``, ``base_model``, tags) with a how-to-load snippet.
 * ``taught.jsonl``: only with ``save_taught_log=True``, one ``{"text": ...}`` per taught text (can be private).
 
@@ -44,7 +47,7 @@ from torch import nn
 
 from .config import MemoryConfig
 from .injection import input_embeddings
-from .memory import NeuralMemory
+from .memory import NeuralMemory, build_optimizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import HybridTitansEngine
@@ -58,7 +61,6 @@ TAUGHT_LOG_NAME = "taught.jsonl"
 FORMAT = "hf_titans-memory"
 FORMAT_VERSION = 1
 OPTIMIZER_PREFIX = "optimizer."
-OPTIMIZER_FIELDS = ("step", "surprise_momentum", "second_moment")
 CARD_TAGS = ["hf_titans", "titans", "neural-memory", "test-time-learning", "memory-sidecar"]
 # The embedded default model (see base_model.py) is a de-quantised copy of this Hub model.
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -307,15 +309,20 @@ def _skeleton(config: MemoryConfig, hidden_size: int) -> NeuralMemory:
     return memory
 
 
-def _expected_tensors(memory: nn.Module, precondition: bool) -> tuple[dict[str, tuple], dict[str, list[str]]]:
+def _expected_tensors(memory: NeuralMemory, config: MemoryConfig) -> tuple[dict[str, tuple], dict[str, list[str]]]:
+    """Every tensor a checkpoint of ``config`` holds: the memory's state_dict, and per parameter the state fields of
+    the rule that writes it (all present or all absent; ``step`` an int64 scalar, the others shaped like it)."""
     expected = {name: (tuple(t.shape), t.dtype) for name, t in memory.state_dict().items()}
-    fields = ["step", "surprise_momentum"] + (["second_moment"] if precondition else [])
+    fields = build_optimizer(memory, config).state_fields()  # optimizers over the storage-less skeleton
     optimizer: dict[str, list[str]] = {}
     for name, p in memory.named_parameters():
-        optimizer[name] = [f"{OPTIMIZER_PREFIX}{name}.{f}" for f in fields]
-        expected[f"{OPTIMIZER_PREFIX}{name}.step"] = ((), torch.int64)
-        for f in fields[1:]:
-            expected[f"{OPTIMIZER_PREFIX}{name}.{f}"] = (tuple(p.shape), torch.float32)
+        names = fields.get(p, ())
+        if not names:
+            continue
+        optimizer[name] = [f"{OPTIMIZER_PREFIX}{name}.{f}" for f in names]
+        for f in names:
+            expected[f"{OPTIMIZER_PREFIX}{name}.{f}"] = ((), torch.int64) if f == "step" else (tuple(p.shape),
+                                                                                                torch.float32)
     return expected, optimizer
 
 
@@ -323,19 +330,22 @@ def _engine_tensors(engine: "HybridTitansEngine") -> dict[str, torch.Tensor]:
     """The memory's state_dict plus the flattened optimizer state, as contiguous CPU copies."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in engine.memory.state_dict().items()}
     names = {id(p): n for n, p in engine.memory.named_parameters()}
+    fields = {id(p): f for p, f in engine.optimizer.state_fields().items()}
     for param, state in engine.optimizer.state.items():
         if not state:
             continue
         name = names.get(id(param))
         if name is None:
             raise RuntimeError("the optimizer holds state for a tensor that is not a memory parameter; cannot save it")
-        unknown = sorted(set(state) - set(OPTIMIZER_FIELDS))
+        known = fields.get(id(param), ())
+        unknown = sorted(set(state) - set(known))
         if unknown:
             raise RuntimeError(f"optimizer state field(s) {unknown} of {name!r} are unknown to this hf_titans; "
                                "cannot save them")
-        tensors[f"{OPTIMIZER_PREFIX}{name}.step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
-        for f in OPTIMIZER_FIELDS[1:]:
-            if f in state:
+        for f in known:
+            if f == "step":
+                tensors[f"{OPTIMIZER_PREFIX}{name}.step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
+            elif f in state:
                 tensors[f"{OPTIMIZER_PREFIX}{name}.{f}"] = state[f].detach().to("cpu", copy=True).contiguous()
     return tensors
 
@@ -448,16 +458,16 @@ def read_checkpoint(config_path: PathLike, files: Optional[dict[str, Path]] = No
     weights = _regular_file(files.get(names["weights"], config_path.parent / names["weights"]), source, "weights file")
     tensors = _load_safetensors(weights, source)
     config: MemoryConfig = data["memory_config"]
-    expected, optimizer_keys = _expected_tensors(_architecture(config, data["base_model"]["hidden_size"]),
-                                                 config.precondition)
+    expected, optimizer_keys = _expected_tensors(_architecture(config, data["base_model"]["hidden_size"]), config)
     _check_tensors(tensors, expected, optimizer_keys, source)
     memory_state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     optimizer_state: dict[str, dict[str, Any]] = {}
     for name, keys in optimizer_keys.items():
         if keys[0] in tensors:
-            state: dict[str, Any] = {"step": int(tensors[keys[0]])}
-            for key in keys[1:]:
-                state[key.rsplit(".", 1)[1]] = tensors[key]
+            state: dict[str, Any] = {}
+            for key in keys:
+                field = key.rsplit(".", 1)[1]
+                state[field] = int(tensors[key]) if field == "step" else tensors[key]
             optimizer_state[name] = state
     taught: list[str] = []
     if names["taught_log"] is not None:

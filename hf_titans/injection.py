@@ -104,3 +104,85 @@ def join_soft_prompts(token_embeds: torch.Tensor, attention_mask: torch.Tensor, 
         out[i, start + n:] = real
         mask[i, start:] = 1
     return out, mask
+
+
+def join_prefix(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor,
+                prefix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``inputs_embeds`` with each row's real prefix vectors (``prefix_mask``) right before its tokens.
+
+    ``prefix`` is ``(B, n, H)``; a row gets the vectors its ``prefix_mask`` row marks, in order, and left pads for
+    the rest, so its tokens keep their places. With every slot or none marked per row this is
+    :func:`join_soft_prompts`.
+    """
+    b, t, h = token_embeds.shape
+    n = prefix.shape[1]
+    out = token_embeds.new_zeros(b, n + t, h)
+    mask = attention_mask.new_zeros(b, n + t)
+    out[:, n:] = token_embeds
+    mask[:, n:] = attention_mask
+    for i in range(b):
+        real = prefix[i][prefix_mask[i].bool()]
+        m = real.shape[0]
+        if m == 0:
+            continue
+        start = n + int(attention_mask[i].argmax())  # first real token (left padding)
+        out[i, start - m:start] = real.to(token_embeds.dtype)
+        mask[i, start - m:] = 1
+    return out, mask
+
+
+class LayerMemoryHook:
+    """Puts the memory inside decoder layer ``layer`` for the rows of a batch where it speaks (MAG / MAL).
+
+    ``mode="mal"`` (memory as layer): a forward pre-hook replaces the hidden states ``x`` entering the layer by
+    ``x + delta(x)``. ``mode="mag"`` (memory as gate): a forward hook adds ``delta(x)`` (a gated branch that reads
+    the same input ``x``) to the layer's output. ``delta`` is :meth:`NeuralMemory.layer_delta`. Rows where the
+    memory is silent are left bit-for-bit untouched. Works with ``generate()`` and the KV cache: the delta is a
+    function of each position's own hidden state, so a cached position is never recomputed differently; a batch
+    that ``generate`` expands (beams, several return sequences) repeats each row's flag.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, mode: str, delta, speaks: torch.Tensor) -> None:
+        blocks = decoder_layers(model)
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"memory_layer={layer} but the model has {len(blocks)} decoder layers; "
+                             f"choose 0..{len(blocks) - 1}")
+        if mode not in ("mag", "mal"):
+            raise ValueError(f"LayerMemoryHook is for modes 'mag' and 'mal', got {mode!r}")
+        self.block, self.mode, self.delta, self.speaks = blocks[layer], mode, delta, speaks.bool()
+        self.handle = None
+
+    def _rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        b, n = hidden.shape[0], self.speaks.shape[0]
+        rows = self.speaks if b == n else self.speaks.repeat_interleave(b // n) if b % n == 0 else None
+        if rows is None:
+            raise RuntimeError(f"batch of {b} rows does not match the {n} prompts the memory was read for")
+        return rows.to(hidden.device).view(b, *([1] * (hidden.dim() - 1)))
+
+    def _mix(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return torch.where(self._rows(base), base + self.delta(hidden), base)
+
+    def _pre(self, _module, args, kwargs):
+        if args:
+            return (self._mix(args[0], args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = self._mix(kwargs["hidden_states"], kwargs["hidden_states"])
+        return args, kwargs
+
+    def _post(self, _module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, tuple):
+            return (self._mix(x, output[0]), *output[1:])
+        return self._mix(x, output)
+
+    def __enter__(self) -> "LayerMemoryHook":
+        if self.mode == "mal":
+            self.handle = self.block.register_forward_pre_hook(self._pre, with_kwargs=True)
+        else:
+            self.handle = self.block.register_forward_hook(self._post, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -1,6 +1,7 @@
 """The memory maths: no transformers imports."""
 
 from .core import NeuralMemory
+from .joint import JointOptimizer, build_optimizer, state_fields
 from .gates import DataDependentGates, MIRAS_GATES, TITANS_GATES, YAAD_GATES, apply_gates
 from .miras import (MemoraOptimizer, MonetaOptimizer, YaadOptimizer, lq_link, lq_link_inverse, memora_step,
                     moneta_step, to_simplex_, yaad_step)
@@ -13,7 +14,7 @@ from .ttt import TTTLinear, TTTResult, ttt_linear_dual, ttt_linear_minibatch, tt
 from .variants import INNER_OPTIMIZERS, VARIANTS, VariantSpec, get_variant
 
 __all__ = [
-    "NeuralMemory", "TitansOptimizer",
+    "NeuralMemory", "TitansOptimizer", "JointOptimizer", "build_optimizer", "state_fields",
     # objectives and retention (MIRAS, Titans eq. 12)
     "l2_loss", "lp_loss", "huber", "huber_loss", "l2_retention", "lq_retention", "kl_retention",
     "l2_retention_update", "kl_retention_update", "softmax_update",

@@ -9,6 +9,20 @@ It holds two deep MLPs that read the same key, the normalised representation of 
   ``familiarity = 1 - ||M(k) - v||^2 / ||v||^2`` is near 1 for keys it has stored and near 0 for others,
   which is the gate that decides whether the memory speaks for a prompt at all.
 
+How the associative memory is built and written depends on ``config.variant`` (see
+:data:`~hf_titans.memory.variants.VARIANTS`): a deep MLP for titans, moneta and yaad; a linear map ``W k``
+(TTT-Linear's hidden state) for ttt_linear; a deep MLP with its weights on the simplex and a LayerNorm head
+for memora (MIRAS writes Memora's memory through a softmax, so its entries stay > 0). The attentional bias
+it is written with is the variant's (:meth:`assoc_losses`); familiarity always reads the l2 error.
+
+How the memory reaches the model depends on ``config.mode``: ``mac`` reads soft prompts from ``prompt_net``;
+``mag`` and ``mal`` replace it by ``layer_net``, a per-token deep MLP on the hidden states at decoder layer
+``memory_layer`` (:meth:`layer_delta`), with a learned gate ``gate_net`` for ``mag``. Both output exactly 0
+until written (zero last layer), so an unwritten memory changes nothing.
+
+Persistent memory (Titans sec. 3.3): ``persistent_tokens``, ``n_persistent_tokens`` learnable vectors put in
+front of every prompt, fitted once (the engine's ``fit_persistent``) and never written at test time.
+
 No transformers imports here: keys come in as tensors, soft prompts go out as tensors.
 """
 
@@ -18,6 +32,9 @@ import torch
 from torch import nn
 
 from ..config import MemoryConfig
+from .miras import to_simplex_
+from .objectives import l2_loss
+from .variants import get_variant
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, depth: int) -> nn.Sequential:
@@ -42,7 +59,7 @@ class NeuralMemory(nn.Module):
     """
 
     def __init__(self, config: MemoryConfig, hidden_size: int, prompt_init: torch.Tensor | None = None,
-                 embed_scale: torch.Tensor | float = 1.0) -> None:
+                 embed_scale: torch.Tensor | float = 1.0, persistent_init: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
@@ -59,25 +76,82 @@ class NeuralMemory(nn.Module):
         self.register_buffer("rehearsal_bank", torch.zeros(config.rehearsal_keys, h, dtype=torch.float16))
         self.register_buffer("rehearsal_count", torch.zeros((), dtype=torch.int64))
 
-        self.prompt_net = _mlp(h, config.memory_hidden, n * h, config.memory_depth)
-        self.assoc_net = _mlp(h, config.memory_hidden, config.assoc_dim, config.memory_depth)
-        if prompt_init is None:
-            prompt_init = torch.randn(n, h, generator=g) * scale
-        if prompt_init.shape != (n, h):
-            raise ValueError(f"prompt_init must have shape {(n, h)}, got {tuple(prompt_init.shape)}")
-        self.prompt_bias = nn.Parameter(prompt_init.detach().clone().float())
+        self.spec = get_variant(config.variant)
+        self.mode = config.mode
+        if config.mode == "mac":
+            self.prompt_net = _mlp(h, config.memory_hidden, n * h, config.memory_depth)
+        else:  # mag / mal: a per-token memory on the hidden states of decoder layer memory_layer
+            self.layer_net = _mlp(h, config.memory_hidden, h, config.memory_depth)
+            self.register_buffer("layer_scale", torch.ones(h))  # std of those hidden states (calibrated)
+            if config.mode == "mag":
+                self.gate_net = nn.Linear(h, 1)  # the learned gate g_t = sigmoid(w . x_t + b)
+        if config.variant == "ttt_linear":  # TTT-Linear's hidden state: f(k) = W k (TTT sec. 2.3), W_0 = 0
+            self.assoc_net = nn.Sequential(nn.Linear(h, config.assoc_dim, bias=False))
+        elif config.variant == "memora":  # MIRAS: M(x) = LN(W1 sigma(W2 x)), W on the simplex
+            self.assoc_net = nn.Sequential(*_mlp(h, config.memory_hidden, config.assoc_dim, config.memory_depth),
+                                           nn.LayerNorm(config.assoc_dim, elementwise_affine=False))
+        else:
+            self.assoc_net = _mlp(h, config.memory_hidden, config.assoc_dim, config.memory_depth)
+        if config.mode == "mac":
+            if prompt_init is None:
+                prompt_init = torch.randn(n, h, generator=g) * scale
+            if prompt_init.shape != (n, h):
+                raise ValueError(f"prompt_init must have shape {(n, h)}, got {tuple(prompt_init.shape)}")
+            self.prompt_bias = nn.Parameter(prompt_init.detach().clone().float())
         self._init_weights(g)
+        if config.n_persistent_tokens:
+            p = config.n_persistent_tokens
+            if persistent_init is None:
+                persistent_init = torch.randn(p, h, generator=g) * scale
+            if persistent_init.shape != (p, h):
+                raise ValueError(f"persistent_init must have shape {(p, h)}, got {tuple(persistent_init.shape)}")
+            # Task knowledge, not test-time memory: no gradient unless fit_persistent asks for one.
+            self.persistent_tokens = nn.Parameter(persistent_init.detach().clone().float(), requires_grad=False)
 
     @torch.no_grad()
     def _init_weights(self, g: torch.Generator) -> None:
-        for net in (self.prompt_net, self.assoc_net):
+        reader = self.prompt_net if self.mode == "mac" else self.layer_net
+        for net in (reader, self.assoc_net):
             for m in net:
                 if isinstance(m, nn.Linear):
                     m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
-                    m.bias.zero_()
+                    if m.bias is not None:
+                        m.bias.zero_()
         # An empty memory: retrieval adds nothing to the soft-prompt bias, and every key is unfamiliar.
-        self.prompt_net[-1].weight.mul_(1e-3)
-        self.assoc_net[-1].weight.zero_()
+        if self.mode == "mac":
+            self.prompt_net[-1].weight.mul_(1e-3)
+        else:  # the layer memory outputs exactly 0 until written: MAG and MAL start as exact no-ops
+            self.layer_net[-1].weight.zero_()
+            if self.mode == "mag":
+                self.gate_net.weight.zero_()
+                self.gate_net.bias.zero_()
+        linears = [m for m in self.assoc_net if isinstance(m, nn.Linear)]
+        linears[-1].weight.zero_()
+        if self.spec.needs_simplex:
+            # Memora's memory lives on the (scaled) simplex (MIRAS eq. 27): the random first layer becomes
+            # near-uniform rows, the zero last layer uniform rows, so M(k) is constant before any write and its LayerNorm
+            # head outputs ~0 for every key (every key unfamiliar).
+            # MIRAS leaves the mass c of each slice free; c = sqrt(fan-in) per weight row gives pre-activations of
+            # the scale a standard initialisation has (c = 1 leaves them ~1/sqrt(d) and the memory barely learns).
+            for m in linears:
+                to_simplex_([m.weight], mass=m.in_features ** 0.5)
+                if m.bias is not None:
+                    to_simplex_([m.bias])
+
+    # ------------------------------------------------------------------ parameters by role
+    def reader_parameters(self) -> list[nn.Parameter]:
+        """What the language-model loss writes: the soft-prompt memory (mac) or the layer memory (mag, mal)."""
+        if self.mode == "mac":
+            return [self.prompt_bias, *self.prompt_net.parameters()]
+        params = list(self.layer_net.parameters())
+        if self.mode == "mag":
+            params += list(self.gate_net.parameters())
+        return params
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Vectors this memory can put in front of a prompt (persistent + soft prompt)."""
+        return self.config.n_persistent_tokens + (self.config.n_memory_tokens if self.mode == "mac" else 0)
 
     # ------------------------------------------------------------------ keys
     def normalize_keys(self, raw: torch.Tensor) -> torch.Tensor:
@@ -106,16 +180,50 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ read / surprise
     def read(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieve (eq. 15) soft prompts ``(B, n, hidden)`` and familiarity ``(B,)`` for normalised keys."""
+        """Retrieve (eq. 15) soft prompts ``(B, n, hidden)`` and familiarity ``(B,)`` for normalised keys.
+
+        In ``mag`` / ``mal`` mode the memory speaks inside the model (:meth:`layer_delta`), so the soft prompt
+        has no vectors: ``(B, 0, hidden)``."""
         b = keys.shape[0]
+        if self.mode != "mac":
+            return keys.new_zeros(b, 0, self.hidden_size), self.familiarity(keys)
         delta = self.prompt_net(keys).view(b, self.config.n_memory_tokens, self.hidden_size)
         soft = self.prompt_bias + delta * self.embed_scale
         return soft, self.familiarity(keys)
 
+    def layer_delta(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the memory adds to the residual stream at ``memory_layer`` for hidden states ``(B, T, H)``.
+
+        ``mal`` (memory as layer, Titans sec. 4.3): ``x' = x + M(x~)``, the layer then reads ``x'``.
+        ``mag`` (memory as gate, Titans sec. 4.2): ``y = layer(x) + g(x~) * M(x~)`` with the learned gate
+        ``g(x~) = sigmoid(w . x~ + b)``. ``x~`` is ``x`` scaled to unit RMS per token; ``M``'s output is scaled
+        by the calibrated per-channel std of those hidden states. Exactly 0 before the memory is written.
+        """
+        x = hidden.float()
+        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        delta = self.layer_net(x) * self.layer_scale
+        if self.mode == "mag":
+            delta = delta * torch.sigmoid(self.gate_net(x))
+        return delta.to(hidden.dtype)
+
+    def assoc_losses(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key: the variant's attentional bias and the l2 error, both relative to an empty memory.
+
+        ``bias = l(M(k), v) / l(0, v)`` with ``l`` the variant's loss (l2: Titans eq. 12; l_p, p = 3: MIRAS
+        eq. 10; Huber: MIRAS eq. 16), a per-key weight like a data-dependent ``theta_t``; ``l2 = ||M(k) - v||^2
+        / ||v||^2`` (eq. 12), which gives familiarity. For the l2 variants both are the same tensor.
+        """
+        v = self.values(keys)
+        pred = self.assoc_net(keys)
+        l2 = (pred - v).pow(2).sum(-1) / v.pow(2).sum(-1).clamp_min(1e-6)
+        if self.spec.objective is l2_loss:
+            return l2, l2
+        bias = self.spec.loss(pred, v) / self.spec.loss(torch.zeros_like(v), v).clamp_min(1e-6)
+        return bias, l2
+
     def assoc_loss(self, keys: torch.Tensor) -> torch.Tensor:
         """The associative surprise ``||M(k) - v||^2 / ||v||^2`` of eq. 12, per key."""
-        v = self.values(keys)
-        return (self.assoc_net(keys) - v).pow(2).sum(-1) / v.pow(2).sum(-1).clamp_min(1e-6)
+        return self.assoc_losses(keys)[1]
 
     def familiarity(self, keys: torch.Tensor) -> torch.Tensor:
         return 1.0 - self.assoc_loss(keys)

@@ -161,7 +161,8 @@ class MemoraOptimizer(MemoryOptimizer):
     there first with :func:`to_simplex_`. MIRAS applies the softmax per slice for deep memories; slices here
     are the rows (``dim=-1``) of each weight matrix and the whole of each bias vector. ``forget`` pulls every
     slice towards uniform (MIRAS's global KL retention); with ``forget = 0`` the step is exponentiated gradient.
-    A step raises ``ValueError`` (writing nothing) if a parameter has entries <= 0.
+    A step raises ``ValueError`` (writing nothing) if a parameter has entries <= 0; entries a step would underflow
+    to 0 are kept at ``torch.finfo(dtype).tiny``.
     """
 
     def __init__(self, params: Iterable, lr: float, forget: float = 0.0, dim: int = -1,
@@ -181,7 +182,10 @@ class MemoraOptimizer(MemoryOptimizer):
         for p, g in zip(params, grads):
             dim = group["dim"] if p.dim() > 0 else 0
             w, gg = (p, g) if p.dim() > 0 else (p.reshape(1), g.reshape(1))
-            p.copy_(memora_step(w, gg, group["lr"], 1.0 - group["forget"], dim=dim).reshape(p.shape))
+            new = memora_step(w, gg, group["lr"], 1.0 - group["forget"], dim=dim).reshape(p.shape)
+            # A large step can underflow an entry of the softmax to exactly 0 in float32, which would leave the
+            # simplex's interior (log 0); keep every entry at least the smallest normal number instead.
+            p.copy_(new.clamp_min(torch.finfo(new.dtype).tiny))
 
 
 @torch.no_grad()
