@@ -160,6 +160,13 @@ def test_memory_sources_and_errors(base, engines, saved, tokenizer):
         bank.add("other", saved / "other")
     bank.remove("bare")
     assert "bare" not in bank.names()
+    # a memory inside the layers cannot travel as prompt embeddings: refused, from a folder and from an engine
+    layered = HybridTitansEngine(model, tok, TINY.replace(mode="mag", memory_layer=1))
+    layered.save_pretrained(saved / "layered")
+    for source in (saved / "layered", layered):
+        with pytest.raises(ValueError, match="mode='mag' memory"):
+            bank.add("layered", source)
+    assert "layered" not in bank.names()
 
 
 def test_folder_reloads_when_its_checkpoint_changes(base, engines, tmp_path):

@@ -212,6 +212,7 @@ class MemoryBank:
         if isinstance(source, HybridTitansEngine):
             if revision is not None:
                 raise ValueError("revision applies to Hub memories, not to an engine")
+            _check_servable(source.config, f"memory {name!r}")
             if source.model is not self.model:
                 base = hub.base_model_info(source.model)
                 hub.check_base_model(base, self.model, self.ignore_base_mismatch, source=f"memory {name!r}")
@@ -219,6 +220,7 @@ class MemoryBank:
         if isinstance(source, NeuralMemory):
             if revision is not None:
                 raise ValueError("revision applies to Hub memories, not to a NeuralMemory")
+            _check_servable(source.config, f"memory {name!r}")
             if source.hidden_size != self.hidden_size:
                 raise ValueError(f"memory {name!r} is {source.hidden_size} wide but the base model's hidden size is "
                                  f"{self.hidden_size}")
@@ -257,6 +259,7 @@ class MemoryBank:
             checkpoint = hub.load_checkpoint(source, revision=commit, **self.hub_kwargs)
         hub.check_base_model(checkpoint.base_model, self.model, self.ignore_base_mismatch,
                              source=repr(checkpoint.source))
+        _check_servable(checkpoint.config, repr(checkpoint.source))
         memory = checkpoint._build_memory(self.device)
         memory.eval()
         memory.requires_grad_(False)
@@ -501,6 +504,14 @@ class MemoryBank:
         """The ``(sequence, hidden)`` embeddings for one prompt and memory (None: the plain token embeddings);
         the same as ``HybridTitansEngine.prompt_embeds`` of an engine holding that memory."""
         return self.embed([prompt], [memory], add_special_tokens=add_special_tokens)[0].embeds
+
+
+def _check_servable(config: MemoryConfig, what: str) -> None:
+    """Prompt embeddings carry a memory-as-context soft prompt only; refuse memories that act inside the layers."""
+    if config.mode != "mac" or config.n_persistent_tokens:
+        raise ValueError(f"{what} is a mode={config.mode!r} memory with {config.n_persistent_tokens} persistent "
+                         "token(s); serving through prompt embeddings needs mode='mac' without persistent tokens. "
+                         "Use HybridTitansEngine.generate for it, or teach a mac memory.")
 
 
 def load_bank(model: nn.Module, tokenizer: Any, memories: Union[dict[str, Any], Iterable[tuple[str, Any]]] = (),
