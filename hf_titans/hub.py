@@ -435,7 +435,11 @@ def _looks_like_repo_id(name: str) -> bool:
 def load_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, token: Union[str, bool, None] = None,
                     cache_dir: Optional[PathLike] = None, local_files_only: bool = False) -> MemoryCheckpoint:
     """Read a checkpoint from a local folder, or download it from a Hub model repo (``user/name``)."""
-    path = Path(name_or_path).expanduser()
+    from .reliability import check_path, recover_interrupted_save
+
+    path = check_path(name_or_path, "name_or_path").expanduser()
+    if not path.exists():
+        recover_interrupted_save(path)  # a save killed between its two renames left this checkpoint aside
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos, but {str(path)!r} is a local folder")
@@ -650,9 +654,13 @@ def _check_replaceable(target: Path) -> None:
 def save_pretrained(engine: "HybridTitansEngine", save_directory: PathLike, save_taught_log: bool = False,
                     base_model_revision: Optional[str] = None, _repo_id: Optional[str] = None) -> Path:
     """Write the engine's memory to ``save_directory`` atomically (see the module docstring for the layout)."""
+    from safetensors import SafetensorError
     from safetensors import torch as safetensors_torch
 
-    target = Path(save_directory).expanduser().absolute()
+    from .reliability import check_path, recover_interrupted_save, save_error
+
+    target = check_path(save_directory, "save_directory").expanduser().absolute()
+    recover_interrupted_save(target)  # a save killed between its two renames left the previous one aside
     _check_replaceable(target)
     with engine._lock:
         tensors = _engine_tensors(engine)
@@ -665,8 +673,11 @@ def save_pretrained(engine: "HybridTitansEngine", save_directory: PathLike, save
         "memory_config": config_dict, "base_model": base_model_info(engine.model, base_model_revision),
         "engine": counters, "files": {"weights": WEIGHTS_NAME, "taught_log": TAUGHT_LOG_NAME if save_taught_log else None},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling(target, "tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_sibling(target, "tmp")
+    except OSError as err:
+        raise save_error(err, target) from err
     try:
         _fsync_write(tmp / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
         _fsync_write(tmp / WEIGHTS_NAME, lambda p: safetensors_torch.save_file(
@@ -676,6 +687,8 @@ def save_pretrained(engine: "HybridTitansEngine", save_directory: PathLike, save
             _fsync_write(tmp / TAUGHT_LOG_NAME, lambda p: p.write_text(
                 "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in taught), encoding="utf-8"))
         _swap_into_place(tmp, target)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError
+        raise save_error(err, target) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
