@@ -706,7 +706,10 @@ def ask(
 
         kwargs["streamer"] = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
     t1 = time.perf_counter()
-    answer = engine.generate(prompt, use_memory=not no_memory, **kwargs)
+    try:
+        answer = engine.generate(prompt, use_memory=not no_memory, **kwargs)
+    except (ValueError, TypeError) as err:  # e.g. a prompt longer than the context window: bad input, exit 2
+        raise CliError(f"cannot answer this prompt: {err}") from None
     seconds = time.perf_counter() - t1
     familiarity = engine.last_familiarity[0] if memory is not None else float("nan")
     spoke = (not no_memory) and memory is not None and familiarity >= engine.config.familiarity_threshold

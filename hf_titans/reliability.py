@@ -112,9 +112,11 @@ def check_config_fits(config: Any, model: Any, hidden_size: int, device: torch.d
     if window is not None and config.n_memory_tokens > window - 2:
         raise ValueError(f"MemoryConfig: n_memory_tokens={config.n_memory_tokens} leaves no room in the model's "
                          f"context window ({window} tokens); use at most {window - 2}, a few dozen at most is usual")
-    # The soft-prompt bias (+ its optimizer state) and the fp16 rehearsal bank alone: a lower bound, computed
-    # without building anything, so that an absurd config is refused before even the meta-device build.
-    needed = max(12 * config.n_memory_tokens * hidden_size, 2 * config.rehearsal_keys * hidden_size)
+    # A lower bound computed without building anything (the soft-prompt bias, one bias per layer, the first weight
+    # and the fp16 rehearsal bank), so that an absurd config is refused before even the meta-device build.
+    m = config.memory_hidden
+    needed = (4 * (config.n_memory_tokens * hidden_size + config.memory_depth * m + m * hidden_size)
+              + 2 * config.rehearsal_keys * hidden_size)
     if needed < 2 ** 34:
         needed = memory_bytes(config, hidden_size)
     limit = device_bytes(device)
@@ -159,7 +161,7 @@ def finite_step(optimizer: torch.optim.Optimizer) -> bool:
 
 def weight_stats(memory: torch.nn.Module) -> dict[str, float]:
     """Largest absolute value, count of non-finite values and global L2 norm of a memory's learned weights."""
-    params = [p.detach().float() for p in memory.parameters()]
+    params = [p.detach().double() for p in memory.parameters()]
     finite = all(bool(torch.isfinite(p).all()) for p in params)
     return {"max_abs": max(float(p.abs().max()) for p in params),
             "norm": float(torch.sqrt(sum((p ** 2).sum() for p in params))),
