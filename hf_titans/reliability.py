@@ -232,3 +232,38 @@ def save_error(err: Exception, target: Path) -> OSError:
                f"The folder is as it was before (the previous checkpoint, if any, is intact)")
     new = type(err)(err.errno, message) if err.errno is not None else type(err)(message)
     return new
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+DIGEST_KEY = "hf_titans_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """``"sha256:<hex>"`` over every tensor's name, dtype, shape and bytes (in name order).
+
+    Saved in the safetensors header, so a flipped bit or a partial copy of the weights is refused on load instead
+    of silently changing what the memory answers. Integrity only, not authenticity: it is not a signature.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def verify_digest(path: Path, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights whose bytes do not match the checksum saved with them (older files without one pass)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        expected = (f.metadata() or {}).get(DIGEST_KEY)
+    if expected is None:
+        return
+    actual = tensors_digest(tensors)
+    if actual != expected:
+        raise ValueError(f"{source}: {path.name} does not match the checksum saved with it ({expected[:19]}..., "
+                         f"the bytes give {actual[:19]}...): the file is damaged (a flipped bit, a partial copy) or "
+                         f"was edited. Restore it from a good copy, or save the memory again from an engine")
