@@ -338,3 +338,31 @@ def test_cli_arguments(cli_setup, tmp_path_factory, call):
         from hf_titans import hub
 
         hub.load_checkpoint(target)  # still a valid memory
+
+
+def test_cli_undecodable_bytes_and_overlong_lines(cli_setup, tmp_path):
+    """Real processes, real bytes: an argument that is not UTF-8 exits 2 naming it, before any model is loaded;
+    in chat, an undecodable or overlong line is skipped with a warning and the session (and what it learned)
+    is saved. Before the fix, either line ended chat with exit 1 and lost everything learned in the session."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    work, model_dir, memory = cli_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "hf_titans.cli"]
+    proc = subprocess.run(cli + ["teach", b"bad \xff byte", "--memory", str(tmp_path / "m")], capture_output=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2 and b"not valid Unicode" in proc.stderr and b"Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+    chat_memory = tmp_path / "chat"
+    lines = [FACT.encode(), b"caf\xe9 latin-1 bytes", ("word " * 400).encode(), b"The meeting is at 4:32 PM exactly."]
+    proc = subprocess.run(cli + ["--json", "chat", "--memory", str(chat_memory), "--model", str(model_dir)],
+                          input=b"\n".join(lines) + b"\n", capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    turns = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [("error" in t) for t in turns] == [False, True, True, False]
+    assert "not valid Unicode" in turns[1]["error"] and "context window" in turns[2]["error"]
+    saved = json.loads((chat_memory / "config.json").read_text())["engine"]
+    assert saved["taught_count"] == sum(t.get("learned", False) for t in turns) >= 1
