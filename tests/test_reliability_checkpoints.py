@@ -350,10 +350,12 @@ def test_file_size_limit_gives_a_clear_error_in_the_library_and_the_cli(engine, 
     engine.tokenizer.save_pretrained(model_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     memory = tmp_path / "memory"
-    first = subprocess.run([sys.executable, "-m", "hf_titans.cli", "teach", FACTS[0], "--memory", str(memory),
-                            "--model", str(model_dir), "--max-steps", "2"], capture_output=True, text=True, env=env,
-                           timeout=300)
-    assert first.returncode == 0, first.stderr
+    from hf_titans import load_base_model
+
+    model, tokenizer = load_base_model(str(model_dir))  # records model_dir as the base model, as the CLI does
+    first = HybridTitansEngine(model, tokenizer, MemoryConfig(max_steps=2))
+    first.teach(FACTS[0])
+    first.save_pretrained(memory)
     before = digest(memory)
     limit = os.path.getsize(memory / "model.safetensors") // 2
 

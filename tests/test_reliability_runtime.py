@@ -102,11 +102,11 @@ def test_finite_step_restores_weights_and_state_exactly():
 
 
 def test_long_runs_keep_every_weight_finite_and_bounded(base):
-    """100 calls of the hardest case (every call takes every step; scripts/stress_numerics.py runs 1000:
+    """60 calls of the hardest case (every call takes every step; scripts/stress_numerics.py runs 1000:
     max |w| 0.89 -> 4.3 for the same fact 1000 times, 4.5 at most for 1000 different facts)."""
     model, tokenizer = base
     config = MemoryConfig(surprise_threshold=0.0, target_loss=0.0, max_steps=2)
-    for texts in ([FACT] * 100, [f"Item {i} is stored in box {100 + 7 * i}." for i in range(100)]):
+    for texts in ([FACT] * 60, [f"Item {i} is stored in box {100 + 7 * i}." for i in range(60)]):
         engine = HybridTitansEngine(model, tokenizer, config)
         start = weight_stats(engine.memory)
         for text in texts:
@@ -142,17 +142,17 @@ def run_fresh(script: str) -> str:
 
 
 def test_same_seed_same_facts_give_bit_identical_weights_across_processes(base):
-    """teach, generate(learn=True) and read() in two fresh processes and in this one: the same bytes."""
+    """teach, generate(learn=True) and read() in a fresh process and in this one: the same bytes."""
     model, tokenizer = base
     script = DETERMINISM.format(facts=FACTS[:3])
-    first, second = run_fresh(script), run_fresh(script)
+    first = run_fresh(script)
     engine = HybridTitansEngine(model, tokenizer, MemoryConfig(max_steps=4, learn_steps=2, seed=7))
     engine.teach(FACTS[:3])
     engine.generate("Remember: the vault code is 4471.", learn=True, max_new_tokens=3)
     engine.read("A long note. The pass key is 90210. More filler text here.", chunk_tokens=16, progress=False)
     opt = {f"{i}.{k}": torch.as_tensor(v) for i, s in engine.optimizer.state_dict()["state"].items() for k, v in s.items()}
     here = f"{tensors_digest(engine.memory.state_dict())} {tensors_digest(opt)}"
-    assert first == second == here
+    assert first == here
     other = HybridTitansEngine(model, tokenizer, MemoryConfig(max_steps=4, learn_steps=2, seed=8))
     other.teach(FACTS[:3])
     assert tensors_digest(other.memory.state_dict()) != here.split()[0]  # the seed matters: the test can fail
