@@ -284,12 +284,23 @@ def read_dataset(name: str, split: str = "train", field: str = "text", limit: in
     return facts
 
 
+def _check_text(text: str, what: str) -> None:
+    """Command-line text with undecodable bytes arrives with lone surrogates: refuse it before loading a model."""
+    from .reliability import check_unicode
+
+    try:
+        check_unicode(text, what)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def collect_facts(facts: list[str] | None, files: list[Path] | None, field: str, dataset: str | None,
                   split: str, limit: int | None) -> list[str]:
     texts: list[str] = []
     for i, fact in enumerate(facts or []):
         if not fact.strip():
             raise CliError(f"fact {i + 1} on the command line is empty")
+        _check_text(fact, f"fact {i + 1} on the command line")
         texts.append(fact.strip())
     for path in files or []:
         texts += read_facts_file(path, field)
@@ -315,6 +326,10 @@ def _load_config(path: Path | None):
 def _read_memory_config(memory: Path) -> dict[str, Any] | None:
     """The memory folder's validated ``config.json`` (see :func:`hf_titans.hub.parse_config`), ``None`` for a new
     (missing or empty) folder."""
+    if not memory.exists():  # a save killed between its two renames left the memory beside its folder: put it back
+        from .reliability import recover_interrupted_save
+
+        recover_interrupted_save(memory)
     if memory.exists() and not memory.is_dir():
         raise CliError(f"--memory {str(memory)!r} is a file, not a memory folder")
     config_file = memory / "config.json"
@@ -477,7 +492,10 @@ def save_memory(out: Output, engine, memory: Path, save_log: bool = False) -> No
         try:
             engine.save_pretrained(str(memory), save_taught_log=save_log)
         except OSError as err:
-            raise CliError(f"cannot save the memory to {str(memory)!r}: {err.strerror or err}; the folder is as "
+            reason = err.strerror or str(err)
+            if reason.startswith("cannot save the memory"):  # hf_titans.hub already said what and where
+                raise CliError(reason, EXIT_FAILURE) from None
+            raise CliError(f"cannot save the memory to {str(memory)!r}: {reason}; the folder is as "
                            f"it was before", EXIT_FAILURE) from None
 
 
@@ -667,6 +685,7 @@ def ask(
     out = _state(ctx, json_output, quiet)
     if not prompt.strip():
         raise CliError("the prompt is empty")
+    _check_text(prompt, "the prompt")
     t0 = time.perf_counter()
     if memory is None:
         if not no_memory:
@@ -687,7 +706,10 @@ def ask(
 
         kwargs["streamer"] = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
     t1 = time.perf_counter()
-    answer = engine.generate(prompt, use_memory=not no_memory, **kwargs)
+    try:
+        answer = engine.generate(prompt, use_memory=not no_memory, **kwargs)
+    except (ValueError, TypeError) as err:  # e.g. a prompt longer than the context window: bad input, exit 2
+        raise CliError(f"cannot answer this prompt: {err}") from None
     seconds = time.perf_counter() - t1
     familiarity = engine.last_familiarity[0] if memory is not None else float("nan")
     spoke = (not no_memory) and memory is not None and familiarity >= engine.config.familiarity_threshold
@@ -732,6 +754,8 @@ def chat(
     engine, created = open_engine(out, memory, model, config, create=not no_learn,
                                   ignore_base_mismatch=ignore_base_mismatch)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become lone surrogates, refused per line below
+        sys.stdin.reconfigure(errors="surrogateescape")
     out.info(f"Chatting with memory {memory}. It learns from surprising lines. {CHAT_HELP}")
     changed = created and not no_learn
     turns = learned = 0
@@ -758,7 +782,14 @@ def chat(
                     out.info(f"[dim]saved {memory}[/dim]")
                 continue
             updates = engine.updates
-            answer = engine.generate(line, learn=not no_learn, max_new_tokens=max_new_tokens, do_sample=False)
+            try:  # a bad line (too long, undecodable) is refused; the session and what it learned go on
+                answer = engine.generate(line, learn=not no_learn, max_new_tokens=max_new_tokens, do_sample=False)
+            except (ValueError, TypeError) as err:
+                out.warn(f"line skipped: {err}")
+                if out.json:
+                    print(json.dumps({"prompt": line.encode("utf-8", "replace").decode("utf-8"), "error": str(err)},
+                                     ensure_ascii=False), flush=True)
+                continue
             turns += 1
             surprise = (engine.last_surprise or [float("nan")])[0]
             wrote = engine.updates != updates

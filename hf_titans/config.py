@@ -12,6 +12,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 VARIANTS = ("titans", "moneta", "yaad", "memora", "ttt_linear")
 #: How the memory reaches the frozen model: memory as context, as gate, as layer (Titans sec. 4).
 MODES = ("mac", "mag", "mal")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -154,8 +155,11 @@ class MemoryConfig:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "assoc_lr", "max_grad_norm"):
             v = getattr(self, name)
-            if not (0 < v < float("inf")):
-                raise ValueError(f"{source}: '{name}' must be a positive finite number, got {v}")
+            if not (0 < v <= FLOAT32_MAX):  # the memory computes in float32: a larger value overflows there
+                raise ValueError(f"{source}: '{name}' must be a positive finite number (at most {FLOAT32_MAX:.3g}, "
+                                 f"float32's largest), got {v}")
+        if not (0 <= self.seed < 2 ** 63):
+            raise ValueError(f"{source}: 'seed' must be in [0, 2**63), got {self.seed}")
         for name in ("momentum", "forget", "read_forget"):
             v = getattr(self, name)
             if not (0 <= v < 1):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import MemoryConfig
 from .injection import LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix, prefix_means
 from .memory import NeuralMemory, build_optimizer
+from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class HybridTitansEngine:
             config = MemoryConfig()
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"tokenizer must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(...)), "
+                            f"got {type(tokenizer).__name__}")
         embeddings = input_embeddings(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -122,6 +126,7 @@ class HybridTitansEngine:
         weight = embeddings.weight
         self.hidden_size = weight.shape[1]
         self.device = weight.device
+        check_config_fits(config, model, self.hidden_size, self.device)
         self._lock = threading.RLock()
         self.skipped_nonfinite = 0
         self.updates = 0
@@ -215,6 +220,7 @@ class HybridTitansEngine:
                 raise TypeError(f"{what}[{i}] must be a string, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError(f"{what}[{i}] is empty or whitespace; give it some content")
+            check_unicode(t, f"{what}[{i}]")
         return list(texts)
 
     def _raw_keys(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -337,9 +343,7 @@ class HybridTitansEngine:
         fact's loss per step is in ``report.facts[i].history``.
         """
         texts = self._check_texts(facts, "facts")
-        steps = self.config.max_steps if max_steps is None else int(max_steps)
-        if steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {steps}")
+        steps = self.config.max_steps if max_steps is None else check_count(max_steps, "max_steps")
         with self._lock:
             return self._write(texts, steps, progress=progress)
 
@@ -509,10 +513,10 @@ class HybridTitansEngine:
             warnings.warn("non-finite surprise; the update was skipped and the memory left unchanged")
             return None
         loss.backward()
-        if not self.optimizer.step():
+        if not finite_step(self.optimizer):
             self.skipped_nonfinite += 1
             report.skipped_nonfinite += 1
-            warnings.warn("non-finite gradient; the update was skipped and the memory left unchanged")
+            warnings.warn("non-finite gradient or update; the update was skipped and the memory left unchanged")
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.zero_grad(set_to_none=True)
@@ -586,12 +590,16 @@ class HybridTitansEngine:
         Returns the completion (new text only); a list for a batch or several return sequences.
         """
         texts = self._check_texts(prompt, "prompt")
+        check_flag(learn, "learn")
+        check_flag(use_memory, "use_memory")
         with self._lock:
             inputs = self.prepare_inputs(texts, use_memory=use_memory)
             ids, mask, speaks = inputs["input_ids"], inputs["attention_mask"], inputs["speaks"]
             kwargs = dict(generate_kwargs)
             if "max_new_tokens" not in kwargs and "max_length" not in kwargs and "generation_config" not in kwargs:
                 kwargs["max_new_tokens"] = 32
+            prefix = inputs["inputs_embeds"].shape[1] - ids.shape[1] if "inputs_embeds" in inputs else 0
+            check_generate_kwargs(kwargs, ids.shape[1], prefix, self._max_tokens() + self.memory.prefix_tokens)
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
             surprises = None
             with torch.no_grad(), self._layer_memory(speaks):

@@ -424,17 +424,20 @@ class MemoryCheckpoint:
 
 def _read_taught_log(path: Path, source: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as err:
-                raise _fail(source, f"{path.name} line {i} is not valid JSON ({err})") from err
-            if not isinstance(item, dict) or set(item) != {"text"} or not isinstance(item["text"], str):
-                raise _fail(source, f"{path.name} line {i} must be {{\"text\": \"...\"}}")
-            texts.append(item["text"])
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): texts may hold U+2028
+    except UnicodeDecodeError as err:
+        raise _fail(source, f"{path.name} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise _fail(source, f"{path.name} line {i} is not valid JSON ({err})") from err
+        if not isinstance(item, dict) or set(item) != {"text"} or not isinstance(item["text"], str):
+            raise _fail(source, f"{path.name} line {i} must be {{\"text\": \"...\"}}")
+        texts.append(item["text"])
     return texts
 
 
@@ -452,7 +455,11 @@ def read_checkpoint(config_path: PathLike, files: Optional[dict[str, Path]] = No
     """Read and validate a checkpoint from its ``config.json``; the other files sit beside it, or in ``files``."""
     config_path = Path(config_path)
     source = source or str(config_path.parent)
-    data = parse_config(config_path.read_text(encoding="utf-8"), f"{source}/{CONFIG_NAME}")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # a flipped byte, or not a config at all (a pickle, say)
+        raise _fail(f"{source}/{CONFIG_NAME}", f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    data = parse_config(text, f"{source}/{CONFIG_NAME}")
     names = data["files"]
     files = files or {}
     weights = _regular_file(files.get(names["weights"], config_path.parent / names["weights"]), source, "weights file")
@@ -460,6 +467,9 @@ def read_checkpoint(config_path: PathLike, files: Optional[dict[str, Path]] = No
     config: MemoryConfig = data["memory_config"]
     expected, optimizer_keys = _expected_tensors(_architecture(config, data["base_model"]["hidden_size"]), config)
     _check_tensors(tensors, expected, optimizer_keys, source)
+    from .reliability import verify_digest
+
+    verify_digest(weights, tensors, source)  # a flipped bit in the data would otherwise load silently
     memory_state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     optimizer_state: dict[str, dict[str, Any]] = {}
     for name, keys in optimizer_keys.items():
@@ -474,6 +484,9 @@ def read_checkpoint(config_path: PathLike, files: Optional[dict[str, Path]] = No
         log = _regular_file(files.get(names["taught_log"], config_path.parent / names["taught_log"]), source,
                             "taught log")
         taught = _read_taught_log(log, source)
+        if len(taught) != data["engine"]["taught_count"]:  # a log cut at a line end still parses
+            raise _fail(source, f"{names['taught_log']} holds {len(taught)} texts but the config records "
+                                f"{data['engine']['taught_count']}: the log is truncated or was edited")
     return MemoryCheckpoint(config=config, base_model=data["base_model"], memory_state=memory_state,
                             optimizer_state=optimizer_state, updates=data["engine"]["updates"],
                             skipped_nonfinite=data["engine"]["skipped_nonfinite"], taught=taught, source=source,
@@ -494,7 +507,11 @@ def _looks_like_repo_id(name: str) -> bool:
 def load_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, token: Union[str, bool, None] = None,
                     cache_dir: Optional[PathLike] = None, local_files_only: bool = False) -> MemoryCheckpoint:
     """Read a checkpoint from a local folder, or download it from a Hub model repo (``user/name``)."""
-    path = Path(name_or_path).expanduser()
+    from .reliability import check_path, recover_interrupted_save
+
+    path = check_path(name_or_path, "name_or_path").expanduser()
+    if not path.exists():
+        recover_interrupted_save(path)  # a save killed between its two renames left this checkpoint aside
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos, but {str(path)!r} is a local folder")
@@ -709,9 +726,13 @@ def _check_replaceable(target: Path) -> None:
 def save_pretrained(engine: "HybridTitansEngine", save_directory: PathLike, save_taught_log: bool = False,
                     base_model_revision: Optional[str] = None, _repo_id: Optional[str] = None) -> Path:
     """Write the engine's memory to ``save_directory`` atomically (see the module docstring for the layout)."""
+    from safetensors import SafetensorError
     from safetensors import torch as safetensors_torch
 
-    target = Path(save_directory).expanduser().absolute()
+    from .reliability import DIGEST_KEY, check_path, recover_interrupted_save, save_error, tensors_digest
+
+    target = check_path(save_directory, "save_directory").expanduser().absolute()
+    recover_interrupted_save(target)  # a save killed between its two renames left the previous one aside
     _check_replaceable(target)
     with engine._lock:
         tensors = _engine_tensors(engine)
@@ -724,17 +745,23 @@ def save_pretrained(engine: "HybridTitansEngine", save_directory: PathLike, save
         "memory_config": config_dict, "base_model": base_model_info(engine.model, base_model_revision),
         "engine": counters, "files": {"weights": WEIGHTS_NAME, "taught_log": TAUGHT_LOG_NAME if save_taught_log else None},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling(target, "tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_sibling(target, "tmp")
+    except OSError as err:
+        raise save_error(err, target) from err
     try:
         _fsync_write(tmp / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
         _fsync_write(tmp / WEIGHTS_NAME, lambda p: safetensors_torch.save_file(
-            tensors, str(p), metadata={"format": "pt", "hf_titans_version": _version()}))
+            tensors, str(p), metadata={"format": "pt", "hf_titans_version": _version(),
+                                       DIGEST_KEY: tensors_digest(tensors)}))
         _fsync_write(tmp / CARD_NAME, lambda p: model_card(config, _repo_id).save(p))
         if save_taught_log:
             _fsync_write(tmp / TAUGHT_LOG_NAME, lambda p: p.write_text(
                 "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in taught), encoding="utf-8"))
         _swap_into_place(tmp, target)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError
+        raise save_error(err, target) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -136,6 +136,9 @@ def _check(document: Any, chunk_tokens: Any, context_tokens: Any, max_span_token
         raise TypeError(f"document must be a string, got {type(document).__name__}")
     if not document.strip():
         raise ValueError("document is empty or whitespace; give it some content")
+    from .reliability import check_unicode
+
+    check_unicode(document, "document")
     for name, value, lo in (("chunk_tokens", chunk_tokens, 1), ("context_tokens", context_tokens, 0),
                             ("max_span_tokens", max_span_tokens, 2)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -208,9 +211,9 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
     """
     _check(document, chunk_tokens, context_tokens, max_span_tokens)
     cfg = engine.config
-    steps = cfg.max_steps if max_steps is None else int(max_steps)
-    if steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {steps}")
+    from .reliability import check_count
+
+    steps = cfg.max_steps if max_steps is None else check_count(max_steps, "max_steps")
     prefix = _special_prefix(engine.tokenizer)
     window = len(prefix) + context_tokens + chunk_tokens
     if window > engine._max_tokens():
