@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from hf_titans import HybridTitansEngine, MemoryConfig  # noqa: E402
 from hf_titans.reliability import weight_stats  # noqa: E402
+from _models import load_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 UNRELATED = ["The weather today is", "Once upon a time there was", "The capital of France is", "Hello world, how",
              "The quick brown fox", "Water boils at", "My favourite food is", "Please write a short poem about"]
@@ -40,17 +41,6 @@ def rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     return float("nan")
 
-
-def load(model_name: str):
-    if model_name == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_model, make_tokenizer
-
-        tokenizer = make_tokenizer()
-        return make_model("llama", len(tokenizer)), tokenizer
-    from hf_titans import load_base_model
-
-    return load_base_model() if model_name == "default" else load_base_model(model_name)
 
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "Omega"]  # in the tiny tokenizer's corpus
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     warnings.simplefilter("ignore")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model(args.model)
     lr = args.lr if args.lr is not None else (0.01 if args.model == "tiny" else MemoryConfig().lr)
     engine = HybridTitansEngine(model, tokenizer, MemoryConfig(max_steps=args.max_steps, lr=lr, seed=args.seed))
     bare = {p: engine.generate(p, max_new_tokens=8, use_memory=False) for p in UNRELATED}

@@ -26,21 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from hf_titans import HybridTitansEngine, MemoryConfig  # noqa: E402
 from hf_titans.reliability import weight_stats  # noqa: E402
+from _models import load_model  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 WORDS = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "jasper", "kelp",
          "lumen", "marble", "nectar", "onyx", "pylon", "quartz", "raven", "sable", "tundra", "umber", "vesper"]
 
-
-def load(model_name: str):
-    if model_name == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import make_model, make_tokenizer
-
-        tokenizer = make_tokenizer()
-        return make_model("llama", len(tokenizer)), tokenizer
-    from hf_titans import load_base_model
-
-    return load_base_model() if model_name == "default" else load_base_model(model_name)
 
 
 def fact(i: int, rng: random.Random) -> str:
@@ -82,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model(args.model)
     config = MemoryConfig(surprise_threshold=0.0, target_loss=0.0, seed=args.seed)
     every = max(1, args.n // 10)
     results = {"model": args.model, "n": args.n}
