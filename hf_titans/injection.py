@@ -82,37 +82,13 @@ def prefix_means(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return summed / counts
 
 
-def join_soft_prompts(token_embeds: torch.Tensor, attention_mask: torch.Tensor, soft: torch.Tensor,
-                      speaks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``inputs_embeds`` with each row's soft prompt before its tokens where ``speaks``.
-
-    Rows where the memory is silent get the same number of extra left pads instead, so every row of a batch
-    keeps the bare model's view of its prompt.
-    """
-    b, t, h = token_embeds.shape
-    n = soft.shape[1]
-    out = token_embeds.new_zeros(b, n + t, h)
-    mask = attention_mask.new_zeros(b, n + t)
-    out[:, n:] = token_embeds
-    mask[:, n:] = attention_mask
-    for i in range(b):
-        if not speaks[i]:
-            continue
-        start = int(attention_mask[i].argmax())  # first real token (left padding)
-        real = token_embeds[i, start:]
-        out[i, start:start + n] = soft[i].to(token_embeds.dtype)
-        out[i, start + n:] = real
-        mask[i, start:] = 1
-    return out, mask
-
-
 def join_prefix(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor,
                 prefix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``inputs_embeds`` with each row's real prefix vectors (``prefix_mask``) right before its tokens.
 
     ``prefix`` is ``(B, n, H)``; a row gets the vectors its ``prefix_mask`` row marks, in order, and left pads for
-    the rest, so its tokens keep their places. With every slot or none marked per row this is
-    :func:`join_soft_prompts`.
+    the rest, so its tokens keep their places. A row with no slot marked (the memory is silent) gets ``n`` extra
+    left pads, so every row of a batch keeps the bare model's view of its prompt.
     """
     b, t, h = token_embeds.shape
     n = prefix.shape[1]
