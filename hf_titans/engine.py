@@ -131,6 +131,9 @@ class HybridTitansEngine:
         self.skipped_nonfinite = 0
         self.updates = 0
         self.taught: list[str] = []
+        # Set by each generate() call: per prompt, its surprise (learn=True only, else None) and familiarity.
+        self.last_surprise: list[float] | None = None
+        self.last_familiarity: list[float] | None = None
         self._hooked = False  # a LayerMemoryHook is active (mag / mal): do not stack a second one
         if config.mode != "mac":
             n_layers = len(decoder_layers(model))

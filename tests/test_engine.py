@@ -125,7 +125,9 @@ def test_batch_with_left_padding_matches_single_prompts(tiny_llama):
 def test_learn_while_generating_recalls_in_a_later_call(tiny_lm):
     model, tok = tiny_lm
     engine = HybridTitansEngine(model, tok, TINY)
+    assert engine.last_surprise is None and engine.last_familiarity is None  # nothing generated yet
     engine.generate(FACT, learn=True, max_new_tokens=3)
+    assert len(engine.last_familiarity) == 1
     first = engine.last_surprise[0]
     assert first > engine.config.surprise_threshold
     assert engine.updates > 0
