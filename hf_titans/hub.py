@@ -695,8 +695,16 @@ it stopped. {log}
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_write(path: Path, write: Callable[[Path], None]) -> None:
     write(path)
+    # Files get the mode any new file gets (safetensors writes its file 0600): a memory folder is shareable.
+    os.chmod(path, 0o666 & ~_umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

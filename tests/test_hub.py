@@ -118,6 +118,8 @@ def test_layout_config_tensor_names_and_model_card(tiny_llama, tmp_path):
     engine = taught(model, tokenizer)
     folder = engine.save_pretrained(tmp_path / "mem")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (tmp_path / "plain").write_text("x")  # every file gets the mode a new file gets (umask), weights included
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {(tmp_path / "plain").stat().st_mode & 0o777}
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "hf_titans-memory" and config["hf_titans_version"]
     assert config["memory_config"] == engine.config.to_dict()
