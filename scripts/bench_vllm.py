@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -169,9 +168,9 @@ def run_online(args, model, tokenizer, ks) -> list[dict]:
     import asyncio
 
     import openai
-    import uvicorn
 
     from hf_titans.serving import MemoryBank, VLLMServer, create_app, default_model_dir
+    from hf_titans.serving.server import front_in_thread
 
     log = Path(args.vllm_log)
     server = VLLMServer(default_model_dir(), port=args.vllm_port, log_path=log,
@@ -182,52 +181,45 @@ def run_online(args, model, tokenizer, ks) -> list[dict]:
     bank = MemoryBank(model, tokenizer)
     for name, engine in make_memories(model, tokenizer, max(ks)).items():
         bank.add(name, engine)
-    front = uvicorn.Server(uvicorn.Config(create_app(bank, server.url), host="127.0.0.1", port=args.port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=front.run, daemon=True)
-    thread.start()
-    while not front.started:
-        time.sleep(0.1)
     try:
-        direct = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=3600)
-        via = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="x", max_retries=0,
-                                 timeout=3600)
-        prompts = [PROMPTS[j % len(PROMPTS)] for j in range(args.requests)]
-        extra = {"ignore_eos": True}
+        with front_in_thread(create_app(bank, server.url), args.port):
+            direct = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=3600)
+            via = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="x", max_retries=0,
+                                     timeout=3600)
+            prompts = [PROMPTS[j % len(PROMPTS)] for j in range(args.requests)]
+            extra = {"ignore_eos": True}
 
-        async def one(client, model, prompt):
-            t = time.perf_counter()
-            r = await client.completions.create(model=model, prompt=prompt, max_tokens=args.max_tokens,
-                                                temperature=0, extra_body=extra)
-            return time.perf_counter() - t, r.usage.completion_tokens
+            async def one(client, model, prompt):
+                t = time.perf_counter()
+                r = await client.completions.create(model=model, prompt=prompt, max_tokens=args.max_tokens,
+                                                    temperature=0, extra_body=extra)
+                return time.perf_counter() - t, r.usage.completion_tokens
 
-        async def burst(name, client, models, extra_fields=None):
-            t = time.perf_counter()
-            done = await asyncio.gather(*(one(client, m, p) for m, p in zip(models, prompts)))
-            return summarize(name, time.perf_counter() - t, [d[0] for d in done], sum(d[1] for d in done),
-                             extra_fields)
+            async def burst(name, client, models, extra_fields=None):
+                t = time.perf_counter()
+                done = await asyncio.gather(*(one(client, m, p) for m, p in zip(models, prompts)))
+                return summarize(name, time.perf_counter() - t, [d[0] for d in done], sum(d[1] for d in done),
+                                 extra_fields)
 
-        async def main():
-            served = (await direct.models.list()).data[0].id
-            await one(direct, served, "Hello")  # warm-up
-            await one(via, "mem00", "Hello")
-            plain_name = "plain vLLM server (OpenAI client, text prompts)"
-            names = [plain_name] + [f"memory front, {k} memories" for k in ks]
-            rounds = []
-            for r in range(args.repeat):
-                result = {plain_name: await burst(plain_name, direct, [served] * len(prompts))}
-                for k in ks:
-                    name = f"memory front, {k} memories"
-                    result[name] = await burst(name, via, [f"mem{j % k:02d}" for j in range(len(prompts))],
-                                               {"memories": k})
-                print(f"round {r + 1}: " + json.dumps({n: v["wall_s"] for n, v in result.items()}), flush=True)
-                rounds.append(result)
-            return rounds_report(names, rounds, plain_name)
+            async def main():
+                served = (await direct.models.list()).data[0].id
+                await one(direct, served, "Hello")  # warm-up
+                await one(via, "mem00", "Hello")
+                plain_name = "plain vLLM server (OpenAI client, text prompts)"
+                names = [plain_name] + [f"memory front, {k} memories" for k in ks]
+                rounds = []
+                for r in range(args.repeat):
+                    result = {plain_name: await burst(plain_name, direct, [served] * len(prompts))}
+                    for k in ks:
+                        name = f"memory front, {k} memories"
+                        result[name] = await burst(name, via, [f"mem{j % k:02d}" for j in range(len(prompts))],
+                                                   {"memories": k})
+                    print(f"round {r + 1}: " + json.dumps({n: v["wall_s"] for n, v in result.items()}), flush=True)
+                    rounds.append(result)
+                return rounds_report(names, rounds, plain_name)
 
-        return asyncio.run(main())
+            return asyncio.run(main())
     finally:
-        front.should_exit = True
-        thread.join(30)
         server.stop()
 
 

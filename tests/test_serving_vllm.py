@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,10 +40,10 @@ def free_port() -> int:
 def served(tmp_path_factory, smollm2):
     """(OpenAI client for the front, OpenAI client for vLLM itself, engine, memories folder)."""
     import openai
-    import uvicorn
 
     from hf_titans import HybridTitansEngine
     from hf_titans.serving import MemoryBank, VLLMServer, create_app, default_model_dir
+    from hf_titans.serving.server import front_in_thread
 
     model, tokenizer = smollm2
     root = tmp_path_factory.mktemp("memories")
@@ -65,18 +64,11 @@ def served(tmp_path_factory, smollm2):
     server.start()
     print(f"vllm serve ready in {time.perf_counter() - started:.0f} s (log: {log})")
     port = free_port()
-    front = uvicorn.Server(uvicorn.Config(create_app(bank, server.url), host="127.0.0.1", port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=front.run, daemon=True)
-    thread.start()
-    while not front.started:
-        time.sleep(0.1)
     try:
-        yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0),
-               openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0), engine, root)
+        with front_in_thread(create_app(bank, server.url), port):
+            yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0),
+                   openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0), engine, root)
     finally:
-        front.should_exit = True
-        thread.join(30)
         server.stop()
 
 

@@ -11,9 +11,12 @@ seconds), a folder of memory folders, or the Hub, and swapped in without restart
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from typing import Optional, Sequence
+import threading
+import time
+from typing import Any, Iterator, Optional, Sequence
 
 logger = logging.getLogger("hf_titans.serving")
 
@@ -58,6 +61,25 @@ def _memory_specs(values: Sequence[str]) -> list[tuple[str, str, Optional[str]]]
             source, revision = source.rsplit("@", 1)
         specs.append((name, source, revision))
     return specs
+
+
+@contextlib.contextmanager
+def front_in_thread(app: Any, port: int, host: str = "127.0.0.1") -> Iterator[Any]:
+    """Run the memory front ``app`` with uvicorn in a background thread until the block ends (benchmarks, tests)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the memory front did not start on {host}:{port}")
+        time.sleep(0.1)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
