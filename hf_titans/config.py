@@ -61,6 +61,9 @@ class MemoryConfig:
             ``1 - ||M(k) - v||^2 / ||v||^2`` is at least this; otherwise the prompt reaches the bare model untouched.
         rehearsal_keys: how many keys of written texts the memory keeps (a ring buffer, fp16) so that later
             writes rehearse their familiarity (no LLM pass) instead of overwriting it; 0 disables.
+        rehearsal_weight: how strongly a write keeps the soft prompts of those earlier keys where they were
+            (self-distillation: the squared drift of their soft prompts, in units of the embeddings' std, is
+            added to the surprise with this weight). Too weak and sequential writes overwrite each other.
 
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
         read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
@@ -97,6 +100,7 @@ class MemoryConfig:
     learn_steps: int = 40
     familiarity_threshold: float = 0.5
     rehearsal_keys: int = 512
+    rehearsal_weight: float = 30.0
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
     read_forget: float = 1e-4
@@ -153,6 +157,8 @@ class MemoryConfig:
                      "n_persistent_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.rehearsal_weight <= FLOAT32_MAX):
+            raise ValueError(f"{source}: 'rehearsal_weight' must be a finite number >= 0, got {self.rehearsal_weight}")
         for name in ("lr", "assoc_lr", "max_grad_norm"):
             v = getattr(self, name)
             if not (0 < v <= FLOAT32_MAX):  # the memory computes in float32: a larger value overflows there

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MemoryConfig
-from .injection import LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix, prefix_means
+from .injection import (LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
+                        last_sentence_starts, prefix_means, span_means)
 from .memory import NeuralMemory, build_optimizer
 from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
@@ -234,6 +235,17 @@ class HybridTitansEngine:
         """Normalised memory keys of every prefix ``(B, T, H)``; ``[:, -1]`` is each whole prompt's key."""
         return self.memory.normalize_keys(self._raw_keys(ids, mask))
 
+    def _prompt_keys(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The key the memory is read with for each prompt ``(B, H)``: that of the whole prompt or that of its last
+        sentence, whichever the memory finds more familiar. A fact written as a sentence is then found when a
+        question comes before it ("What is the pass key? The pass key is")."""
+        hidden = hidden_at_layer(self.model, ids, mask, self.config.key_layer).to(self.device)
+        whole = prefix_means(hidden, mask)[:, -1]
+        starts = last_sentence_starts(self.tokenizer, ids, mask)
+        if all(start == int(mask[b].argmax()) for b, start in enumerate(starts)):
+            return self.memory.most_familiar_keys(whole)
+        return self.memory.most_familiar_keys(whole, span_means(hidden, mask, starts))
+
     # ------------------------------------------------------------------ the language-model loss
     def _prefix(self, soft: torch.Tensor | None, speaks: torch.Tensor | None, batch: int,
                 persistent: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -306,7 +318,7 @@ class HybridTitansEngine:
         return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
 
     def _gated_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = self._keys(ids, mask)[:, -1]
+        keys = self._prompt_keys(ids, mask)
         soft, familiarity = self.memory.read(keys)
         speaks = familiarity >= self.config.familiarity_threshold
         nll = self._token_nll(ids, mask, soft if speaks.any() else None, speaks)
@@ -331,7 +343,7 @@ class HybridTitansEngine:
         texts = self._check_texts(text, "text")
         with self._lock, torch.no_grad():
             ids, mask = self._encode(texts)
-            values = [float(v) for v in self.memory.familiarity(self._keys(ids, mask)[:, -1])]
+            values = [float(v) for v in self.memory.familiarity(self._prompt_keys(ids, mask))]
         return values[0] if isinstance(text, str) else values
 
     def teach(self, facts: Union[str, Sequence[str]], max_steps: int | None = None,
@@ -507,7 +519,7 @@ class HybridTitansEngine:
         rehearsal = self.memory.assoc_losses(earlier)[0].mean() if len(earlier) else bias.new_zeros(())
         if anchors is not None:
             drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
-            rehearsal = rehearsal + drift.pow(2).mean()
+            rehearsal = rehearsal + cfg.rehearsal_weight * drift.pow(2).mean()
         loss = nll.mean() + bias.mean() + rehearsal
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -550,7 +562,7 @@ class HybridTitansEngine:
         texts = self._check_texts(prompt, "prompt")
         with self._lock:
             ids, mask = self._encode(texts)
-            keys = self._keys(ids, mask)[:, -1]
+            keys = self._prompt_keys(ids, mask)
             soft, familiarity = self.memory.read(keys)
             speaks = familiarity >= self.config.familiarity_threshold
             if not use_memory:

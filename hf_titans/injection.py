@@ -162,3 +162,42 @@ class LayerMemoryHook:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def _ends_sentence(text: str) -> bool:
+    return "\n" in text or text.rstrip().rstrip("\"')]").endswith((".", "!", "?"))
+
+
+def last_sentence_starts(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         max_tokens: int = 256) -> list[int]:
+    """Per row, the position of the first token of the prompt's last sentence.
+
+    A token whose text ends in ``.``, ``!`` or ``?`` (or holds a line break) ends a sentence; the prompt's own last
+    token does not count, so "What is the pass key? The pass key is" gives the position of "The" and a
+    one-sentence prompt gives its first real token. Only the last ``max_tokens`` tokens are searched. Works for
+    left- and right-padded rows."""
+    starts = []
+    for row, m in zip(input_ids.tolist(), attention_mask.tolist()):
+        real = [p for p, v in enumerate(m) if v]
+        start = real[0]
+        for p in reversed(real[max(0, len(real) - 1 - max_tokens):-1]):
+            if _ends_sentence(tokenizer.decode([row[p]])):
+                start = p + 1
+                break
+        starts.append(start)
+    return starts
+
+
+def span_means(hidden: torch.Tensor, attention_mask: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """Per row, the mean hidden state ``(B, H)`` from ``starts[b]`` to the row's last real token, leaving out the
+    span's first token when it has more than one (as :func:`prefix_means` leaves out a text's first token), so
+    the key of a prompt's last sentence matches the key of that sentence written on its own."""
+    out = []
+    for b, start in enumerate(starts):
+        positions = attention_mask[b].nonzero().flatten()
+        span = positions[positions >= start]
+        if len(span) > 1:
+            span = span[1:]
+        out.append(hidden[b, span].float().mean(0))
+    return torch.stack(out)
+

@@ -270,3 +270,46 @@ def test_a_later_write_keeps_earlier_facts(tiny_llama):
     engine.teach(["Once upon a time there was a king who lived in a castle."])
     assert engine.familiarity(PROMPT) >= engine.config.familiarity_threshold
     assert engine.generate(PROMPT, max_new_tokens=3) == first
+
+
+def test_rehearsal_weight_keeps_earlier_soft_prompts_in_place(tiny_llama):
+    """The self-distillation term is what holds an earlier fact's soft prompt while a later one is written:
+    with weight 0 the second write moves it; with a large weight it moves far less."""
+    model, tok = tiny_llama
+    drift = {}
+    for weight in (0.0, 1000.0):
+        engine = HybridTitansEngine(model, tok, TINY.replace(rehearsal_weight=weight))
+        engine.teach([FACT])
+        before = engine.prepare_inputs(PROMPT)["soft_prompts"].clone()
+        engine.teach(["Once upon a time there was a king who lived in a castle."])
+        after = engine.prepare_inputs(PROMPT)["soft_prompts"]
+        drift[weight] = float(((after - before) / engine.memory.embed_scale).pow(2).mean())
+    assert drift[1000.0] < 0.25 * drift[0.0], drift
+
+
+def test_a_sentence_before_a_taught_prompt_does_not_hide_it(tiny_llama):
+    """The memory is read with the key of the whole prompt or of its last sentence, whichever is more familiar."""
+    model, tok = tiny_llama
+    # Keys from the input embeddings: a random 2-layer model mixes the first sentence into every hidden state.
+    engine = HybridTitansEngine(model, tok, TINY.replace(key_layer=0))
+    engine.teach([FACT])
+    prompt = "Once upon a time there was a king.\n" + PROMPT
+    ids, mask = engine._encode([prompt])
+    with torch.no_grad():
+        whole = float(engine.memory.familiarity(engine._keys(ids, mask)[:, -1]))
+    assert whole < engine.config.familiarity_threshold  # the whole prompt's key alone would stay silent
+    assert engine.familiarity(prompt) == pytest.approx(engine.familiarity(PROMPT), abs=1e-5)
+    assert engine.prepare_inputs(prompt)["speaks"].all()
+    assert max(engine.familiarity(UNRELATED)) < engine.config.familiarity_threshold
+
+
+def test_last_sentence_starts_left_and_right_padded(tokenizer):
+    from hf_titans.injection import last_sentence_starts
+
+    texts = ["Once upon a time. alpha beta gamma", "Is it? Yes! And now\nalpha beta", "alpha beta gamma?"]
+    for side in ("left", "right"):
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
+        starts = last_sentence_starts(tokenizer, batch["input_ids"], batch["attention_mask"])
+        tails = [tokenizer.decode(batch["input_ids"][b, s:][batch["attention_mask"][b, s:].bool()]).strip()
+                 for b, s in enumerate(starts)]
+        assert tails == ["alpha beta gamma", "alpha beta", "alpha beta gamma?"], (side, tails)

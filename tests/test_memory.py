@@ -85,6 +85,20 @@ def test_neural_memory_shapes_and_empty_familiarity():
     assert (soft.abs().sum(-1) > 0).all()  # never an all-zero soft-prompt vector
 
 
+def test_soft_prompt_reader_is_nonlinear_on_unit_norm_keys():
+    """Keys are unit-norm, so the reader's first layer must give pre-activations of unit variance; at the
+    fan-in default (variance 1/h) SiLU is nearly linear and sequential writes overwrite each other."""
+    mem = NeuralMemory(MemoryConfig(), hidden_size=576)
+    keys = mem.normalize_keys(torch.randn(2000, 576))
+    with torch.no_grad():
+        pre = mem.prompt_net[0](keys)
+        act = mem.prompt_net[1](pre)
+    assert 0.8 < float(pre.std()) < 1.25
+    linear_part = torch.linalg.lstsq(torch.cat([pre, torch.ones(2000, 1)], 1), act).solution
+    residual = act - torch.cat([pre, torch.ones(2000, 1)], 1) @ linear_part
+    assert float(residual.var() / act.var()) > 0.1  # a tenth of the hidden signal is not linear in the key
+
+
 def test_assoc_memory_learns_keys_it_is_shown():
     torch.manual_seed(0)
     cfg = MemoryConfig(memory_hidden=64, assoc_dim=32)

@@ -83,7 +83,8 @@ def test_bank_prompt_embeds_equal_engine_prompt_embeds(tiny_lm):
     engine.teach([FACTS["greek"]])
     bank = MemoryBank(model, tok)
     bank.add("m", engine)
-    for prompt in (PROMPTS["greek"], FACTS["greek"], UNRELATED, "Hello"):
+    two_sentences = "Once upon a time there was a king.\n" + PROMPTS["greek"]  # read by its last sentence
+    for prompt in (PROMPTS["greek"], FACTS["greek"], UNRELATED, "Hello", two_sentences):
         item = bank.embed([prompt], "m")[0]
         assert torch.equal(item.embeds, engine.prompt_embeds(prompt).cpu()), prompt
         assert item.speaks == (engine.familiarity(prompt) >= engine.config.familiarity_threshold)

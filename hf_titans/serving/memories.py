@@ -31,7 +31,7 @@ from torch import nn
 from .. import hub
 from ..config import MemoryConfig
 from ..engine import HybridTitansEngine
-from ..injection import hidden_at_layer, input_embeddings, prefix_means
+from ..injection import hidden_at_layer, input_embeddings, last_sentence_starts, prefix_means, span_means
 from ..memory import NeuralMemory
 
 logger = logging.getLogger(__name__)
@@ -465,9 +465,12 @@ class MemoryBank:
                     mask[row, :len(ids[i])] = 1
                 batch, mask = batch.to(self.device), mask.to(self.device)
                 hidden = hidden_at_layer(self.model, batch, mask, layer)
-                keys = prefix_means(hidden.to(self.device), mask)
+                hidden = hidden.to(self.device)
+                keys = prefix_means(hidden, mask)
+                # the whole prompt and its last sentence, as the engine reads them (HybridTitansEngine._prompt_keys)
+                sentences = span_means(hidden, mask, last_sentence_starts(self.tokenizer, batch, mask))
                 for row, i in enumerate(group):
-                    raw[(layer, i)] = keys[row, len(ids[i]) - 1]
+                    raw[(layer, i)] = (keys[row, len(ids[i]) - 1], sentences[row])
         # Each memory reads the keys of its prompts in one call.
         read: dict[int, tuple[torch.Tensor, float]] = {}
         for name, (memory, config, _version, engine_lock) in live.items():
@@ -475,7 +478,8 @@ class MemoryBank:
             if engine_lock is not None:
                 engine_lock.acquire()
             try:
-                keys = memory.normalize_keys(torch.stack([raw[(config.key_layer, i)] for i in rows]))
+                whole, sentence = (torch.stack(c) for c in zip(*(raw[(config.key_layer, i)] for i in rows)))
+                keys = memory.most_familiar_keys(whole, sentence)
                 soft, familiarity = memory.read(keys)
             finally:
                 if engine_lock is not None:
