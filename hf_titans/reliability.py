@@ -109,13 +109,15 @@ def check_config_fits(config: Any, model: Any, hidden_size: int, device: torch.d
     context window, or tensors larger than half of the device's memory (they would fail to allocate, or get the
     process killed, deep inside torch)."""
     window = context_window(model)
-    if window is not None and config.n_memory_tokens > window - 2:
-        raise ValueError(f"MemoryConfig: n_memory_tokens={config.n_memory_tokens} leaves no room in the model's "
-                         f"context window ({window} tokens); use at most {window - 2}, a few dozen at most is usual")
+    prefix = config.n_memory_tokens + config.n_persistent_tokens
+    if window is not None and prefix > window - 2:
+        raise ValueError(f"MemoryConfig: n_memory_tokens={config.n_memory_tokens} + n_persistent_tokens="
+                         f"{config.n_persistent_tokens} leave no room in the model's context window ({window} "
+                         f"tokens); use at most {window - 2} in all, a few dozen at most is usual")
     # A lower bound computed without building anything (the soft-prompt bias, one bias per layer, the first weight
     # and the fp16 rehearsal bank), so that an absurd config is refused before even the meta-device build.
     m = config.memory_hidden
-    needed = (4 * (config.n_memory_tokens * hidden_size + config.memory_depth * m + m * hidden_size)
+    needed = (4 * (prefix * hidden_size + config.memory_depth * m + m * hidden_size)
               + 2 * config.rehearsal_keys * hidden_size)
     if needed < 2 ** 34:
         needed = memory_bytes(config, hidden_size)

@@ -377,3 +377,9 @@ def test_cli_undecodable_bytes_and_overlong_lines(cli_setup, tmp_path):
     assert "not valid Unicode" in turns[1]["error"] and "context window" in turns[2]["error"]
     saved = json.loads((chat_memory / "config.json").read_text())["engine"]
     assert saved["taught_count"] == sum(t.get("learned", False) for t in turns) >= 1
+
+
+def test_huge_persistent_prompt_is_refused_by_name(engine):
+    """Found by the property test above: a huge n_persistent_tokens overflowed inside torch instead."""
+    with pytest.raises(ValueError, match="n_persistent_tokens=4611686018427387904"):
+        HybridTitansEngine(engine.model, engine.tokenizer, MemoryConfig(n_persistent_tokens=2 ** 62))
