@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import MemoryConfig
 from .injection import (LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
-                        last_sentence_starts, prefix_means, span_means)
+                        last_sentence_starts, last_sentences, prefix_means)
 from .memory import NeuralMemory, build_optimizer
 from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
@@ -239,12 +239,11 @@ class HybridTitansEngine:
         """The key the memory is read with for each prompt ``(B, H)``: that of the whole prompt or that of its last
         sentence, whichever the memory finds more familiar. A fact written as a sentence is then found when a
         question comes before it ("What is the pass key? The pass key is")."""
-        hidden = hidden_at_layer(self.model, ids, mask, self.config.key_layer).to(self.device)
-        whole = prefix_means(hidden, mask)[:, -1]
+        whole = self._raw_keys(ids, mask)[:, -1]
         starts = last_sentence_starts(self.tokenizer, ids, mask)
         if all(start == int(mask[b].argmax()) for b, start in enumerate(starts)):
             return self.memory.most_familiar_keys(whole)
-        return self.memory.most_familiar_keys(whole, span_means(hidden, mask, starts))
+        return self.memory.most_familiar_keys(whole, self._raw_keys(*last_sentences(ids, mask, starts))[:, -1])
 
     # ------------------------------------------------------------------ the language-model loss
     def _prefix(self, soft: torch.Tensor | None, speaks: torch.Tensor | None, batch: int,

@@ -290,8 +290,7 @@ def test_rehearsal_weight_keeps_earlier_soft_prompts_in_place(tiny_llama):
 def test_a_sentence_before_a_taught_prompt_does_not_hide_it(tiny_llama):
     """The memory is read with the key of the whole prompt or of its last sentence, whichever is more familiar."""
     model, tok = tiny_llama
-    # Keys from the input embeddings: a random 2-layer model mixes the first sentence into every hidden state.
-    engine = HybridTitansEngine(model, tok, TINY.replace(key_layer=0))
+    engine = HybridTitansEngine(model, tok, TINY)
     engine.teach([FACT])
     prompt = "Once upon a time there was a king.\n" + PROMPT
     ids, mask = engine._encode([prompt])

@@ -84,6 +84,7 @@ def test_bank_prompt_embeds_equal_engine_prompt_embeds(tiny_lm):
     bank = MemoryBank(model, tok)
     bank.add("m", engine)
     two_sentences = "Once upon a time there was a king.\n" + PROMPTS["greek"]  # read by its last sentence
+    assert bank.embed([two_sentences], "m")[0].speaks
     for prompt in (PROMPTS["greek"], FACTS["greek"], UNRELATED, "Hello", two_sentences):
         item = bank.embed([prompt], "m")[0]
         assert torch.equal(item.embeds, engine.prompt_embeds(prompt).cpu()), prompt

@@ -31,7 +31,7 @@ from torch import nn
 from .. import hub
 from ..config import MemoryConfig
 from ..engine import HybridTitansEngine
-from ..injection import hidden_at_layer, input_embeddings, last_sentence_starts, prefix_means, span_means
+from ..injection import hidden_at_layer, input_embeddings, last_sentence_starts, last_sentences, prefix_means
 from ..memory import NeuralMemory
 
 logger = logging.getLogger(__name__)
@@ -465,10 +465,11 @@ class MemoryBank:
                     mask[row, :len(ids[i])] = 1
                 batch, mask = batch.to(self.device), mask.to(self.device)
                 hidden = hidden_at_layer(self.model, batch, mask, layer)
-                hidden = hidden.to(self.device)
-                keys = prefix_means(hidden, mask)
+                keys = prefix_means(hidden.to(self.device), mask)
                 # the whole prompt and its last sentence, as the engine reads them (HybridTitansEngine._prompt_keys)
-                sentences = span_means(hidden, mask, last_sentence_starts(self.tokenizer, batch, mask))
+                tail, tail_mask = last_sentences(batch, mask, last_sentence_starts(self.tokenizer, batch, mask))
+                sentences = prefix_means(hidden_at_layer(self.model, tail, tail_mask, layer).to(self.device),
+                                         tail_mask)[:, -1]
                 for row, i in enumerate(group):
                     raw[(layer, i)] = (keys[row, len(ids[i]) - 1], sentences[row])
         # Each memory reads the keys of its prompts in one call.
