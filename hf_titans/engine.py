@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import MemoryConfig
 from .injection import (LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
-                        last_sentence_starts, last_sentences, prefix_means)
+                        prefix_means, prompt_key_candidates)
 from .memory import NeuralMemory, build_optimizer
 from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
@@ -239,11 +239,8 @@ class HybridTitansEngine:
         """The key the memory is read with for each prompt ``(B, H)``: that of the whole prompt or that of its last
         sentence, whichever the memory finds more familiar. A fact written as a sentence is then found when a
         question comes before it ("What is the pass key? The pass key is")."""
-        whole = self._raw_keys(ids, mask)[:, -1]
-        starts = last_sentence_starts(self.tokenizer, ids, mask)
-        if all(start == int(mask[b].argmax()) for b, start in enumerate(starts)):
-            return self.memory.most_familiar_keys(whole)
-        return self.memory.most_familiar_keys(whole, self._raw_keys(*last_sentences(ids, mask, starts))[:, -1])
+        candidates = prompt_key_candidates(self.model, self.tokenizer, ids, mask, self.config.key_layer)
+        return self.memory.most_familiar_keys(*(c.to(self.device) for c in candidates))
 
     # ------------------------------------------------------------------ the language-model loss
     def _prefix(self, soft: torch.Tensor | None, speaks: torch.Tensor | None, batch: int,

@@ -695,8 +695,10 @@ it stopped. {log}
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read once: reading it means setting it for a moment, which other threads would see."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -203,3 +203,17 @@ def last_sentences(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ids[b, width - len(row):] = row
         mask[b, width - len(row):] = 1
     return ids, mask
+
+
+def prompt_key_candidates(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          layer: int) -> list[torch.Tensor]:
+    """The raw keys ``(B, H)`` a prompt can be read with: its whole text, then, when some row has more than one
+    sentence, its last sentence keyed on its own tokens (a one-sentence row gets its whole text again).
+    Rows may be left- or right-padded. The engine and the vLLM bank both read prompts through this."""
+    whole = prefix_means(hidden_at_layer(model, input_ids, attention_mask, layer), attention_mask)[:, -1]
+    starts = last_sentence_starts(tokenizer, input_ids, attention_mask)
+    if all(start == int(first) for start, first in zip(starts, attention_mask.argmax(1))):
+        return [whole]
+    tail, tail_mask = last_sentences(input_ids, attention_mask, starts)
+    return [whole, prefix_means(hidden_at_layer(model, tail, tail_mask, layer), tail_mask)[:, -1]]
+

@@ -11,13 +11,13 @@ this shows when facts start to be lost, which the final table cannot.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from hf_titans import MemoryConfig, load_base_model
+from hf_titans import load_base_model
+from hf_titans.bench.__main__ import config_from_args
 from hf_titans.bench.data import load_records
 from hf_titans.bench.edit import MemoryMethod
 from hf_titans.bench.metrics import mean, target_ids, token_accuracy
@@ -31,16 +31,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MemoryConfig override")
+    parser.add_argument("--config", default=None, help="MemoryConfig YAML/JSON file (default: MemoryConfig())")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
     args = parser.parse_args()
+    config = config_from_args(args)  # a bad --set fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    changes = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        changes[key] = json.loads(value) if value not in ("", None) else value
     model, tokenizer = load_base_model()
-    method = MemoryMethod(model, tokenizer, MemoryConfig().replace(**changes))
+    method = MemoryMethod(model, tokenizer, config)
     records = load_records(args.data, n=args.n)
 
     def rel(rows, field="prompt"):

@@ -24,7 +24,8 @@ def load_model(name: str | None):
     return load_base_model(name)
 
 
-def _config(args) -> MemoryConfig:
+def config_from_args(args) -> MemoryConfig:
+    """``--config FILE`` (or the default) with each ``--set key=value`` applied (values read as YAML)."""
     import yaml
 
     config = MemoryConfig.from_file(args.config) if args.config else MemoryConfig()
@@ -78,7 +79,7 @@ def cmd_edit(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = load_records(args.data, args.format, n=args.n, seed=args.seed if args.sample else None)
     model, tokenizer = load_model(args.model)
-    settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=_config(args),
+    settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=config_from_args(args),
                             context_budget=args.context_budget, lora_r=args.lora_r, lora_lr=args.lora_lr,
                             lora_cap=args.lora_cap, seed_lr=args.seed_lr, reference=_reference(args.reference))
     env = _environment(model, tokenizer)
@@ -142,7 +143,7 @@ def cmd_generate(args) -> None:
     lengths = [int(x) for x in str(args.max_new_tokens).split(",")]
     batches = [int(x) for x in str(args.batch_sizes).split(",")]
     start = time.perf_counter()
-    results = run_generate(model, tokenizer, lengths, batches, repeats=args.repeats, config=_config(args))
+    results = run_generate(model, tokenizer, lengths, batches, repeats=args.repeats, config=config_from_args(args))
     results = {"benchmark": "generate", **env, "wall_seconds": time.perf_counter() - start,
                "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:]), **results}
     _write(Path(args.out), results, markdown_table(results), plot)
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .needle import add_parser as add_needle_parser  # issue 8: pass-key retrieval beyond the window
 
-    add_needle_parser(sub, common, config=_config, environment=_environment, load_model=load_model)
+    add_needle_parser(sub, common, config=config_from_args, environment=_environment, load_model=load_model)
     return p
 
 

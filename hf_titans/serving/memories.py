@@ -31,7 +31,7 @@ from torch import nn
 from .. import hub
 from ..config import MemoryConfig
 from ..engine import HybridTitansEngine
-from ..injection import hidden_at_layer, input_embeddings, last_sentence_starts, last_sentences, prefix_means
+from ..injection import input_embeddings, prompt_key_candidates
 from ..memory import NeuralMemory
 
 logger = logging.getLogger(__name__)
@@ -464,14 +464,11 @@ class MemoryBank:
                     batch[row, :len(ids[i])] = torch.tensor(ids[i])
                     mask[row, :len(ids[i])] = 1
                 batch, mask = batch.to(self.device), mask.to(self.device)
-                hidden = hidden_at_layer(self.model, batch, mask, layer)
-                keys = prefix_means(hidden.to(self.device), mask)
                 # the whole prompt and its last sentence, as the engine reads them (HybridTitansEngine._prompt_keys)
-                tail, tail_mask = last_sentences(batch, mask, last_sentence_starts(self.tokenizer, batch, mask))
-                sentences = prefix_means(hidden_at_layer(self.model, tail, tail_mask, layer).to(self.device),
-                                         tail_mask)[:, -1]
+                whole, *sentence = prompt_key_candidates(self.model, self.tokenizer, batch, mask, layer)
+                sentence = sentence[0] if sentence else whole
                 for row, i in enumerate(group):
-                    raw[(layer, i)] = (keys[row, len(ids[i]) - 1], sentences[row])
+                    raw[(layer, i)] = (whole[row].to(self.device), sentence[row].to(self.device))
         # Each memory reads the keys of its prompts in one call.
         read: dict[int, tuple[torch.Tensor, float]] = {}
         for name, (memory, config, _version, engine_lock) in live.items():
