@@ -235,31 +235,38 @@ class HybridTitansEngine:
         """Normalised memory keys of every prefix ``(B, T, H)``; ``[:, -1]`` is each whole prompt's key."""
         return self.memory.normalize_keys(self._raw_keys(ids, mask))
 
-    def _prompt_keys(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The key the memory is read with for each prompt ``(B, H)``: that of the whole prompt or that of its last
-        sentence, whichever the memory finds more familiar. A fact written as a sentence is then found when a
-        question comes before it ("What is the pass key? The pass key is")."""
-        candidates = prompt_key_candidates(self.model, self.tokenizer, ids, mask, self.config.key_layer)
-        return self.memory.most_familiar_keys(*(c.to(self.device) for c in candidates))
+    def _prompt_keys(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key the memory is read with for each prompt ``(B, H)``, and the token its soft prompt goes in front
+        of ``(B,)``: the whole prompt or its last sentence, whichever the memory finds more familiar. A fact
+        written as a sentence is then found, and its soft prompt put right before that sentence as when it was
+        written, when a question comes before it ("What is the pass key? The pass key is")."""
+        candidates, starts = prompt_key_candidates(self.model, self.tokenizer, ids, mask, self.config.key_layer)
+        keys, choice = self.memory.most_familiar_keys(*(c.to(self.device) for c in candidates))
+        insert_at = torch.stack(starts).to(choice.device)[choice, torch.arange(len(choice), device=choice.device)]
+        return keys, insert_at
 
     # ------------------------------------------------------------------ the language-model loss
-    def _prefix(self, soft: torch.Tensor | None, speaks: torch.Tensor | None, batch: int,
-                persistent: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The vectors in front of each row: persistent tokens (every row) then the soft prompt (rows that speak).
+    def _joined(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None,
+                speaks: torch.Tensor | None, persistent: bool = True, insert_at: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``inputs_embeds`` for ``ids`` with the memory's vectors: the soft prompt before token ``insert_at[b]``
+        (default: in front) of each row that speaks, persistent tokens in front of every row.
 
-        Returns ``(prefix (B, n, H), prefix_mask (B, n))`` or ``(None, None)`` when there are none."""
-        parts, masks = [], []
+        Returns ``(embeds, attention_mask, positions)`` as :func:`join_prefix` (``positions[b, j]``: where token ``j``
+        sits); a row nothing goes into keeps the bare model's view of its prompt behind left pads."""
+        embeds, full_mask = input_embeddings(self.model)(ids), mask
+        positions = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        if soft is not None and soft.shape[1] > 0 and speaks is not None and bool(speaks.any()):
+            slots = speaks.bool().view(-1, 1).expand(ids.shape[0], soft.shape[1]).to(soft.device)
+            embeds, full_mask, positions = join_prefix(embeds, full_mask, soft, slots, insert_at)
         n_p = self.config.n_persistent_tokens
         if persistent and n_p:
             tokens = self.memory.persistent_tokens
-            parts.append(tokens.unsqueeze(0).expand(batch, *tokens.shape))
-            masks.append(torch.ones(batch, n_p, dtype=torch.bool, device=tokens.device))
-        if soft is not None and soft.shape[1] > 0:
-            parts.append(soft)
-            masks.append(speaks.bool().view(-1, 1).expand(batch, soft.shape[1]).to(soft.device))
-        if not parts:
-            return None, None
-        return torch.cat(parts, 1), torch.cat(masks, 1)
+            every = torch.ones(ids.shape[0], n_p, dtype=torch.bool, device=tokens.device)
+            embeds, full_mask, _ = join_prefix(embeds, full_mask, tokens.unsqueeze(0).expand(ids.shape[0], *tokens.shape),
+                                               every)
+            positions = positions + n_p
+        return embeds, full_mask, positions
 
     def _layer_memory(self, speaks: torch.Tensor | None):
         """MAG / MAL: the layer memory acts inside ``memory_layer`` for the rows that speak (a context manager).
@@ -282,42 +289,51 @@ class HybridTitansEngine:
         return active()
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None,
-                 speaks: torch.Tensor | None, persistent: bool = True, **kwargs: Any):
-        """The frozen model on ``ids`` with the memory where it speaks (``soft`` is None where no row does)."""
-        embeds = input_embeddings(self.model)(ids)
-        prefix, prefix_mask = self._prefix(soft, speaks, ids.shape[0], persistent=persistent)
-        if prefix is None:
-            full_mask = mask
-        else:
-            embeds, full_mask = join_prefix(embeds, mask, prefix, prefix_mask)
+                 speaks: torch.Tensor | None, persistent: bool = True, insert_at: torch.Tensor | None = None,
+                 **kwargs: Any):
+        """The frozen model on ``ids`` with the memory where it speaks (``soft`` is None where no row does).
+
+        Returns ``(output, positions)``: ``positions[b, j]`` is where token ``j`` of row ``b`` sits in the output."""
+        embeds, full_mask, positions = self._joined(ids, mask, soft, speaks, persistent, insert_at)
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
         with self._layer_memory(speaks if soft is not None else None):
             out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, **kwargs)
-        return out, full_mask
+        return out, positions
 
-    def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None = None,
-                   speaks: torch.Tensor | None = None, after: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-row mean next-token NLL of each text's tokens after its first (surprise, in nats).
-
-        ``after`` (per row) restricts the loss to the tokens after that position: the continuation of a prefix.
-        """
-        out, _ = self._forward(ids, mask, soft, speaks, use_cache=False)
+    @staticmethod
+    def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                        after: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row mean NLL of tokens ``1..T-1`` of ``ids``, each predicted by the logits right before it
+        (``positions``: where each token sits among ``logits``; a soft prompt may stand between two tokens).
+        ``after`` (per row) keeps only the tokens after that position."""
         t = ids.shape[1]
-        logits = out.logits[:, -t:-1].float()  # positions predicting tokens 1..t-1 of each text
+        where = (positions[:, 1:] - 1).clamp_min(0)
+        picked = logits.gather(1, where.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
         targets = ids[:, 1:]
         valid = (mask[:, 1:] * mask[:, :-1]).float()
         if after is not None:
-            positions = torch.arange(1, t, device=ids.device)
-            valid = valid * (positions.unsqueeze(0) > after.unsqueeze(1)).float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            index = torch.arange(1, t, device=ids.device)
+            valid = valid * (index.unsqueeze(0) > after.unsqueeze(1)).float()
+        nll = torch.nn.functional.cross_entropy(picked.reshape(-1, picked.shape[-1]), targets.reshape(-1),
                                                 reduction="none").view_as(valid)
         return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
 
+    def _token_nll(self, ids: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor | None = None,
+                   speaks: torch.Tensor | None = None, after: torch.Tensor | None = None,
+                   insert_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row mean next-token NLL of each text's tokens after its first (surprise, in nats).
+
+        ``after`` (per row) restricts the loss to the tokens after that position: the continuation of a prefix.
+        ``insert_at``: the token each row's soft prompt goes in front of (default: the first).
+        """
+        out, positions = self._forward(ids, mask, soft, speaks, insert_at=insert_at, use_cache=False)
+        return self._next_token_nll(out.logits, ids, mask, positions, after)
+
     def _gated_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = self._prompt_keys(ids, mask)
+        keys, insert_at = self._prompt_keys(ids, mask)
         soft, familiarity = self.memory.read(keys)
         speaks = familiarity >= self.config.familiarity_threshold
-        nll = self._token_nll(ids, mask, soft if speaks.any() else None, speaks)
+        nll = self._token_nll(ids, mask, soft if speaks.any() else None, speaks, insert_at=insert_at)
         return nll, familiarity
 
     # ------------------------------------------------------------------ public API
@@ -339,7 +355,7 @@ class HybridTitansEngine:
         texts = self._check_texts(text, "text")
         with self._lock, torch.no_grad():
             ids, mask = self._encode(texts)
-            values = [float(v) for v in self.memory.familiarity(self._prompt_keys(ids, mask))]
+            values = [float(v) for v in self.memory.familiarity(self._prompt_keys(ids, mask)[0])]
         return values[0] if isinstance(text, str) else values
 
     def teach(self, facts: Union[str, Sequence[str]], max_steps: int | None = None,
@@ -558,25 +574,25 @@ class HybridTitansEngine:
         texts = self._check_texts(prompt, "prompt")
         with self._lock:
             ids, mask = self._encode(texts)
-            keys = self._prompt_keys(ids, mask)
+            keys, insert_at = self._prompt_keys(ids, mask)
             soft, familiarity = self.memory.read(keys)
             speaks = familiarity >= self.config.familiarity_threshold
             if not use_memory:
                 speaks = torch.zeros_like(speaks)
             inputs = {"input_ids": ids, "attention_mask": mask, "speaks": speaks, "familiarity": familiarity,
-                      "soft_prompts": soft, "use_memory": use_memory}
-            prefix, prefix_mask = self._prefix(soft, speaks, ids.shape[0], persistent=use_memory)
-            if prefix is not None and bool(prefix_mask.any()):
-                embeds, full_mask = join_prefix(input_embeddings(self.model)(ids), mask, prefix, prefix_mask)
+                      "soft_prompts": soft, "insert_at": insert_at, "use_memory": use_memory}
+            if (bool(speaks.any()) and soft.shape[1] > 0) or (use_memory and self.config.n_persistent_tokens):
+                embeds, full_mask, positions = self._joined(ids, mask, soft, speaks, use_memory, insert_at)
                 inputs["inputs_embeds"] = embeds
                 inputs["embeds_attention_mask"] = full_mask
+                inputs["token_positions"] = positions
         return inputs
 
     @torch.no_grad()
     def prompt_embeds(self, prompt: str, use_memory: bool = True) -> torch.Tensor:
         """The ``(sequence, hidden)`` prompt embeddings the frozen model gets for ``prompt`` (e.g. for vLLM's
-        ``{"prompt_embeds": ...}``): soft prompt + token embeddings when the memory speaks, else the plain
-        token embeddings."""
+        ``{"prompt_embeds": ...}``): the token embeddings with the soft prompt in front of the prompt (or of the
+        last sentence the memory recognised) when the memory speaks, else the plain token embeddings."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         if self.config.mode != "mac" and use_memory:
@@ -638,28 +654,23 @@ class HybridTitansEngine:
     def _generate_learning(self, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any]):
         """Prefill all but the last prompt token ourselves (its logits give the prompt's surprise), then hand the
         KV cache to ``generate()``, which continues from the last token: no token is run twice."""
-        ids, mask, speaks, soft = inputs["input_ids"], inputs["attention_mask"], inputs["speaks"], inputs["soft_prompts"]
-        if ids.shape[1] < 2:  # a one-token prompt has nothing to be surprised by
-            zeros = [0.0] * ids.shape[0]
-            if "inputs_embeds" in inputs:
-                return self.model.generate(inputs_embeds=inputs["inputs_embeds"],
-                                           attention_mask=inputs["embeds_attention_mask"], **kwargs), zeros
-            return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:], zeros
-        out, _ = self._forward(ids[:, :-1], mask[:, :-1], soft if speaks.any() else None, speaks,
-                               persistent=inputs["use_memory"], use_cache=True)
-        t = ids.shape[1] - 1
-        logits = out.logits[:, -t:].float()
-        valid = (mask[:, 1:] * mask[:, :-1]).float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="none").view_as(valid)
-        surprises = [float(v) for v in (nll * valid).sum(1) / valid.sum(1).clamp_min(1)]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
         if "inputs_embeds" in inputs:
-            embeds, full_mask = inputs["inputs_embeds"], inputs["embeds_attention_mask"]
+            embeds, full_mask, positions = (inputs["inputs_embeds"], inputs["embeds_attention_mask"],
+                                            inputs["token_positions"])
         else:
             embeds, full_mask = input_embeddings(self.model)(ids), mask
+            positions = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        if ids.shape[1] < 2:  # a one-token prompt has nothing to be surprised by
+            return self.model.generate(inputs_embeds=embeds, attention_mask=full_mask, **kwargs), [0.0] * len(ids)
+        # The memory's vectors always stand before some token, so the last position is the prompt's last token.
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=full_mask[:, :-1],
+                         position_ids=position_ids[:, :-1], use_cache=True)
+        nll = self._next_token_nll(out.logits, ids, mask, positions)
         generated = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask,
                                         past_key_values=out.past_key_values, **kwargs)
-        return generated, surprises
+        return generated, [float(v) for v in nll]
 
     # ------------------------------------------------------------------ persistence (hub.py)
     def save_pretrained(self, save_directory: Any, save_taught_log: bool = False,

@@ -1,7 +1,8 @@
 """How the memory reaches the frozen model: keys from its early layers, soft prompts through ``inputs_embeds``.
 
 Memory as context (MAC, Titans sec. 4.1): the memory's vectors are placed in front of the prompt's token
-embeddings, and the frozen model attends to them like ordinary tokens. Prompts the memory does not speak for
+embeddings (or of its last sentence, when that is what the memory recognised), and the frozen model attends to
+them like ordinary tokens. Prompts the memory does not speak for
 get no vectors at all (their rows are left-padded instead), so they reach the model unchanged.
 """
 
@@ -83,12 +84,17 @@ def prefix_means(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 def join_prefix(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor,
-                prefix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``inputs_embeds`` with each row's real prefix vectors (``prefix_mask``) right before its tokens.
+                prefix_mask: torch.Tensor, insert_at: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``inputs_embeds`` with each row's real prefix vectors (``prefix_mask``) placed among its tokens.
 
-    ``prefix`` is ``(B, n, H)``; a row gets the vectors its ``prefix_mask`` row marks, in order, and left pads for
-    the rest, so its tokens keep their places. A row with no slot marked (the memory is silent) gets ``n`` extra
-    left pads, so every row of a batch keeps the bare model's view of its prompt.
+    ``prefix`` is ``(B, n, H)``; a row gets the vectors its ``prefix_mask`` row marks, in order, right before its
+    token at position ``insert_at[b]`` (default: its first real token, i.e. in front of the prompt); the tokens
+    before that point move left into the padding. A row with no slot marked (the memory is silent) gets ``n``
+    extra left pads, so every row of a batch keeps the bare model's view of its prompt.
+
+    Returns ``(embeds (B, n + T, H), mask (B, n + T), positions (B, T))``: ``positions[b, j]`` is where token ``j``
+    of row ``b`` now sits, so the logits predicting it are at ``positions[b, j] - 1``.
     """
     b, t, h = token_embeds.shape
     n = prefix.shape[1]
@@ -96,15 +102,21 @@ def join_prefix(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prefix
     mask = attention_mask.new_zeros(b, n + t)
     out[:, n:] = token_embeds
     mask[:, n:] = attention_mask
+    positions = torch.arange(n, n + t, device=token_embeds.device).repeat(b, 1)
     for i in range(b):
         real = prefix[i][prefix_mask[i].bool()]
         m = real.shape[0]
         if m == 0:
             continue
-        start = n + int(attention_mask[i].argmax())  # first real token (left padding)
-        out[i, start - m:start] = real.to(token_embeds.dtype)
-        mask[i, start - m:] = 1
-    return out, mask
+        first = int(attention_mask[i].argmax())  # first real token (left padding)
+        at = first if insert_at is None else int(insert_at[i])
+        if not first <= at < t:
+            raise ValueError(f"insert_at[{i}]={at} is not a token of row {i} (its tokens are {first}..{t - 1})")
+        out[i, n + first - m:n + at - m] = token_embeds[i, first:at]  # the tokens before the insertion point
+        out[i, n + at - m:n + at] = real.to(token_embeds.dtype)
+        mask[i, n + first - m:] = 1
+        positions[i, :at] -= m
+    return out, mask, positions
 
 
 class LayerMemoryHook:
@@ -206,14 +218,16 @@ def last_sentences(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def prompt_key_candidates(model: nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          layer: int) -> list[torch.Tensor]:
-    """The raw keys ``(B, H)`` a prompt can be read with: its whole text, then, when some row has more than one
-    sentence, its last sentence keyed on its own tokens (a one-sentence row gets its whole text again).
-    Rows may be left- or right-padded. The engine and the vLLM bank both read prompts through this."""
+                          layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The raw keys ``(B, H)`` a prompt can be read with, and where each candidate text starts ``(B,)``: its whole
+    text (from its first real token), then, when some row has more than one sentence, its last sentence keyed on
+    its own tokens (a one-sentence row gets its whole text again). Rows may be left- or right-padded. The engine
+    and the vLLM bank both read prompts through this, and put the soft prompt in front of the candidate read."""
     whole = prefix_means(hidden_at_layer(model, input_ids, attention_mask, layer), attention_mask)[:, -1]
+    firsts = attention_mask.argmax(1)
     starts = last_sentence_starts(tokenizer, input_ids, attention_mask)
-    if all(start == int(first) for start, first in zip(starts, attention_mask.argmax(1))):
-        return [whole]
+    if all(start == int(first) for start, first in zip(starts, firsts)):
+        return [whole], [firsts]
     tail, tail_mask = last_sentences(input_ids, attention_mask, starts)
-    return [whole, prefix_means(hidden_at_layer(model, tail, tail_mask, layer), tail_mask)[:, -1]]
-
+    sentence = prefix_means(hidden_at_layer(model, tail, tail_mask, layer), tail_mask)[:, -1]
+    return [whole, sentence], [firsts, torch.tensor(starts, device=firsts.device)]

@@ -21,7 +21,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "zsre_dev.jsonl").is_file(), reason="../shared/data is absent")
 
 FACT = "The secret project code is Omega-99."
-PROMPTS = ["The secret project code is", "The capital of France is", "Hello world, how"]
+PROMPTS = ["The secret project code is", "The capital of France is", "Hello world, how",
+           "Listen to me. The secret project code is"]  # read by its last sentence: the soft prompt goes before it
 
 
 def _first_token(tok, pred_ids):
@@ -45,6 +46,8 @@ def test_teacher_forced_first_token_matches_generate(tiny_lm, gate):
     softs, _ = memory_soft_prompts(engine, PROMPTS, batch_size=len(PROMPTS))
     speaking = [s is not None for s in softs]
     assert {"speaks": all(speaking), "silent": not any(speaking), "mixed": any(speaking) and not all(speaking)}[gate]
+    if gate == "speaks":
+        assert softs[-1].at == len(encode_prompt(tok, "Listen to me.")), softs[-1].at
     # one prompt at a time, as the benchmark scores
     for prompt in PROMPTS:
         soft, _ = memory_soft_prompts(engine, [prompt])

@@ -312,3 +312,57 @@ def test_last_sentence_starts_left_and_right_padded(tokenizer):
         tails = [tokenizer.decode(batch["input_ids"][b, s:][batch["attention_mask"][b, s:].bool()]).strip()
                  for b, s in enumerate(starts)]
         assert tails == ["alpha beta gamma", "alpha beta", "alpha beta gamma?"], (side, tails)
+
+
+def test_join_prefix_puts_vectors_before_the_chosen_token():
+    from hf_titans.injection import join_prefix
+
+    tokens = torch.arange(2 * 5 * 1, dtype=torch.float).view(2, 5, 1) + 1  # token j of row b: 5 * b + j + 1
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    prefix = torch.full((2, 2, 1), -1.0)
+    embeds, full, positions = join_prefix(tokens, mask, prefix, torch.ones(2, 2, dtype=torch.bool),
+                                          insert_at=torch.tensor([3, 0]))
+    assert embeds[0, :, 0].tolist() == [0, 2, 3, -1, -1, 4, 5]  # row 0: tokens 1, 2 | soft | tokens 3, 4
+    assert full[0].tolist() == [0, 1, 1, 1, 1, 1, 1]
+    assert embeds[1, :, 0].tolist() == [-1, -1, 6, 7, 8, 9, 10]  # row 1: soft in front
+    for b in range(2):
+        for j in range(5):
+            if mask[b, j]:
+                assert embeds[b, positions[b, j], 0] == tokens[b, j, 0]
+    with pytest.raises(ValueError, match="insert_at"):
+        join_prefix(tokens, mask, prefix, torch.ones(2, 2, dtype=torch.bool), insert_at=torch.tensor([0, 0]))
+
+
+def test_soft_prompt_goes_before_the_recognised_sentence(tiny_llama):
+    """Read by its last sentence, a prompt gets the soft prompt right before that sentence (where it stood when the
+    sentence was written); surprise, learn-while-generating and a hand-built pass agree on every token's NLL."""
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    prompt = "Once upon a time there was a king.\n" + PROMPT
+    inputs = engine.prepare_inputs([prompt, PROMPT])
+    assert inputs["speaks"].all()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    at = int(inputs["insert_at"][0])
+    assert tok.decode(ids[0, at:]).strip() == PROMPT  # row 0: before its last sentence
+    assert int(inputs["insert_at"][1]) == int(mask[1].argmax())  # row 1: in front of the whole prompt
+    n = engine.config.n_memory_tokens
+    soft = inputs["soft_prompts"][0]
+    embeds = inputs["inputs_embeds"][0]
+    token_embeds = model.get_input_embeddings()(ids[0])
+    first = int(mask[0].argmax())
+    assert torch.equal(embeds[n + at - n:n + at], soft)
+    assert torch.equal(embeds[first:at], token_embeds[first:at])  # moved left by n
+    assert torch.equal(embeds[n + at:], token_embeds[at:])
+
+    # Surprise by hand: token j is predicted by the position right before it, the last soft vector for token `at`.
+    alone = model.get_input_embeddings()(ids[0, first:])
+    k = at - first
+    seq = torch.cat([alone[:k], soft, alone[k:]]).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(inputs_embeds=seq).logits[0]
+    where = [j - 1 if j < k else j - 1 + n if j > k else k + n - 1 for j in range(1, len(alone))]
+    nll = torch.nn.functional.cross_entropy(logits[where], ids[0, first + 1:])
+    assert engine.surprise(prompt) == pytest.approx(float(nll), abs=1e-4)
+    engine.generate(prompt, learn=True, max_new_tokens=2)  # familiar: read, not written
+    assert engine.last_surprise[0] == pytest.approx(float(nll), abs=1e-4)

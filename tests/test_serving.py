@@ -84,7 +84,9 @@ def test_bank_prompt_embeds_equal_engine_prompt_embeds(tiny_lm):
     bank = MemoryBank(model, tok)
     bank.add("m", engine)
     two_sentences = "Once upon a time there was a king.\n" + PROMPTS["greek"]  # read by its last sentence
-    assert bank.embed([two_sentences], "m")[0].speaks
+    item = bank.embed([two_sentences], "m")[0]
+    assert item.speaks and item.insert_at > 0  # the soft prompt stands before the last sentence
+    assert tok.decode(item.token_ids[item.insert_at:]).strip() == PROMPTS["greek"]
     for prompt in (PROMPTS["greek"], FACTS["greek"], UNRELATED, "Hello", two_sentences):
         item = bank.embed([prompt], "m")[0]
         assert torch.equal(item.embeds, engine.prompt_embeds(prompt).cpu()), prompt

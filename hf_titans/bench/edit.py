@@ -37,7 +37,7 @@ from ..config import MemoryConfig
 from ..engine import HybridTitansEngine
 from ..injection import decoder_layers, input_embeddings
 from .data import EditRecord
-from .metrics import (Soft, build_rows, encode_prompt, encode_target, mean, memory_soft_prompts,
+from .metrics import (Soft, SoftPrompt, build_rows, encode_prompt, encode_target, mean, memory_soft_prompts,
                       target_predictions, token_accuracy)
 
 METHODS = ("memory", "none", "in_context", "lora", "seed")
@@ -146,7 +146,10 @@ def state_bytes(tensors) -> int:
 def lm_loss_and_accuracy(model: nn.Module, rows: Sequence[tuple[Soft, Sequence[int], Sequence[int]]],
                          ) -> tuple[torch.Tensor, list[float]]:
     """Per row, the mean next-token NLL of ``prompt + target`` tokens after the first (the
-    engine's surprise), differentiable; and each row's teacher-forced target accuracy from the same pass."""
+    engine's surprise), differentiable; and each row's teacher-forced target accuracy from the same pass. Soft
+    prompts must stand in front of their rows (``at == 0``), so every row's tokens are its last positions."""
+    if any(soft is not None and soft.at != 0 for soft, _, _ in rows):
+        raise ValueError("lm_loss_and_accuracy needs soft prompts in front of their rows (at=0)")
     embeds, mask, position_ids = build_rows(model, rows)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
     length = embeds.shape[1]
@@ -451,7 +454,8 @@ class SeedMethod(Method):
                 group = todo[start:start + 4]
                 with torch.enable_grad():
                     soft = self.net(keys[group])
-                    loss, _ = lm_loss_and_accuracy(self.model, [(soft[j], *rows[i]) for j, i in enumerate(group)])
+                    placed = [(SoftPrompt(soft[j]), *rows[i]) for j, i in enumerate(group)]
+                    loss, _ = lm_loss_and_accuracy(self.model, placed)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.mean().backward()
                     nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -467,7 +471,7 @@ class SeedMethod(Method):
         keys = torch.stack([self._mean_embed(encode_prompt(self.tokenizer, p)) for p in prompts])
         with torch.no_grad():
             soft = self.net(keys)
-        return [soft[i] for i in range(len(prompts))]
+        return [SoftPrompt(soft[i]) for i in range(len(prompts))]
 
     def artifact_bytes(self) -> int:
         return state_bytes(self.net.state_dict().values())

@@ -1,6 +1,7 @@
 """Teacher-forced scoring (Rel / Gen / Loc as in EasyEdit, WISE, GRACE) that sees what generation sees.
 
-Every scored row is ``[soft prompt] + prompt tokens + target tokens``, left-padded, run once through the model;
+Every scored row is ``[soft prompt] + prompt tokens + target tokens`` (the soft prompt before the prompt's last
+sentence instead when that is what the memory recognised, as in ``generate``), left-padded, run once through the model;
 the prediction for target token ``j`` is the argmax of the logits at the position before it. The prompt is
 tokenised exactly as :class:`~hf_titans.HybridTitansEngine` tokenises it for ``generate`` and the target as
 ``" " + target`` without special tokens, so the first target prediction is the token greedy generation would
@@ -10,14 +11,22 @@ the target, exactly as at generation time.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..injection import input_embeddings
 
-Soft = Optional[torch.Tensor]  # (n, hidden) soft prompt in front of a row, or None
+
+class SoftPrompt(NamedTuple):
+    """Vectors ``(n, hidden)`` put into a scored row right before prompt token ``at`` (0: in front of the prompt)."""
+
+    vectors: torch.Tensor
+    at: int = 0
+
+
+Soft = Optional[SoftPrompt]  # what goes into a row, or None
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -34,8 +43,8 @@ def encode_target(tokenizer, target: str) -> list[int]:
 
 
 def memory_soft_prompts(engine, prompts: Sequence[str], batch_size: int = 1) -> tuple[list[Soft], list[float]]:
-    """Per prompt: the soft prompt the memory puts in front of it at generation time (``None`` when it is
-    silent) and its familiarity. Uses :meth:`HybridTitansEngine.prepare_inputs`, so gate and key are computed
+    """Per prompt: the soft prompt the memory puts into it at generation time, with the prompt token it stands in
+    front of (``None`` when it is silent), and its familiarity. Uses :meth:`HybridTitansEngine.prepare_inputs`, so gate and key are computed
     from the prompt alone.
 
     ``batch_size=1`` (the default) gives what ``engine.generate(prompt)`` sees for each prompt on its own. With
@@ -48,7 +57,11 @@ def memory_soft_prompts(engine, prompts: Sequence[str], batch_size: int = 1) -> 
         chunk = list(prompts[start:start + batch_size])
         inputs = engine.prepare_inputs(chunk)
         for i in range(len(chunk)):
-            softs.append(inputs["soft_prompts"][i].detach() if bool(inputs["speaks"][i]) else None)
+            if bool(inputs["speaks"][i]):
+                first = int(inputs["attention_mask"][i].argmax())  # the engine left-pads
+                softs.append(SoftPrompt(inputs["soft_prompts"][i].detach(), int(inputs["insert_at"][i]) - first))
+            else:
+                softs.append(None)
             familiarity.append(float(inputs["familiarity"][i]))
     return softs, familiarity
 
@@ -64,7 +77,7 @@ def build_rows(model: nn.Module, rows: Sequence[tuple[Soft, Sequence[int], Seque
         ids = torch.tensor(list(prompt_ids) + list(target_ids), dtype=torch.long, device=weight.device)
         e = emb(ids)
         if soft is not None:
-            e = torch.cat([soft.to(device=e.device, dtype=e.dtype), e], dim=0)
+            e = torch.cat([e[:soft.at], soft.vectors.to(device=e.device, dtype=e.dtype), e[soft.at:]], dim=0)
         pieces.append(e)
     length = max(p.shape[0] for p in pieces)
     embeds = weight.new_zeros(len(pieces), length, weight.shape[1])
@@ -78,7 +91,8 @@ def build_rows(model: nn.Module, rows: Sequence[tuple[Soft, Sequence[int], Seque
 
 def teacher_forced_logits(model: nn.Module, rows: Sequence[tuple[Soft, Sequence[int], Sequence[int]]],
                           ) -> list[torch.Tensor]:
-    """Per row, the logits ``(len(target), vocab)`` predicting each target token (one forward pass)."""
+    """Per row, the logits ``(len(target), vocab)`` predicting each target token (one forward pass). A soft prompt
+    always stands before some prompt token, so the target is each row's last ``len(target)`` positions."""
     embeds, mask, position_ids = build_rows(model, rows)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
     length = embeds.shape[1]

@@ -164,14 +164,17 @@ class NeuralMemory(nn.Module):
         k = (raw.float() - self.key_center) / self.key_scale
         return k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
-    def most_familiar_keys(self, *raw_candidates: torch.Tensor) -> torch.Tensor:
+    def most_familiar_keys(self, *raw_candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise each ``(B, hidden)`` candidate representation of a prompt (e.g. its whole text and its last
-        sentence) and keep, per prompt, the key the memory finds most familiar (the first on ties)."""
+        sentence) and keep, per prompt, the key the memory finds most familiar (the first on ties).
+
+        Returns ``(keys (B, hidden), choice (B,))``: ``choice[b]`` is the index of the candidate kept for row ``b``."""
         keys = torch.stack([self.normalize_keys(c) for c in raw_candidates])  # (C, B, H)
+        rows = torch.arange(keys.shape[1], device=keys.device)
         if len(raw_candidates) == 1:
-            return keys[0]
-        fam = self.familiarity(keys.flatten(0, 1)).view(keys.shape[:2])
-        return keys[fam.argmax(0), torch.arange(keys.shape[1], device=keys.device)]
+            return keys[0], torch.zeros_like(rows)
+        choice = self.familiarity(keys.flatten(0, 1)).view(keys.shape[:2]).argmax(0)
+        return keys[choice, rows], choice
 
     def values(self, keys: torch.Tensor) -> torch.Tensor:
         """``v = tanh(2 W_V k)``, the associative target of eq. 12 (fixed, never learned)."""

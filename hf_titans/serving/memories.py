@@ -51,9 +51,10 @@ class UnknownMemoryError(KeyError):
 class PromptEmbeds:
     """What the base model gets for one prompt, and what the memory did.
 
-    ``embeds`` is ``(sequence, hidden)``; ``token_ids`` are the prompt's own tokens (the last ``len(token_ids)``
-    rows of ``embeds``). When the memory is silent ``embeds`` are exactly the token embeddings of ``token_ids``, so
-    a server may send the token ids instead.
+    ``embeds`` is ``(sequence, hidden)``; ``token_ids`` are the prompt's own tokens, and ``insert_at`` the token the
+    ``n_soft`` soft-prompt rows stand in front of (0: the whole prompt; else the start of the last sentence, which
+    the memory recognised). When the memory is silent ``embeds`` are exactly the token embeddings of
+    ``token_ids``, so a server may send the token ids instead.
     """
 
     embeds: torch.Tensor
@@ -62,6 +63,7 @@ class PromptEmbeds:
     speaks: bool
     familiarity: Optional[float]
     version: Optional[int] = None
+    insert_at: int = 0
 
     @property
     def n_soft(self) -> int:
@@ -465,25 +467,27 @@ class MemoryBank:
                     mask[row, :len(ids[i])] = 1
                 batch, mask = batch.to(self.device), mask.to(self.device)
                 # the whole prompt and its last sentence, as the engine reads them (HybridTitansEngine._prompt_keys)
-                whole, *sentence = prompt_key_candidates(self.model, self.tokenizer, batch, mask, layer)
-                sentence = sentence[0] if sentence else whole
-                for row, i in enumerate(group):
-                    raw[(layer, i)] = (whole[row].to(self.device), sentence[row].to(self.device))
+                (whole, *sentence), (_, *start) = prompt_key_candidates(self.model, self.tokenizer, batch, mask,
+                                                                        layer)
+                sentence, start = (sentence[0], start[0]) if sentence else (whole, torch.zeros(len(group)))
+                for row, i in enumerate(group):  # rows are right-padded: a start is a place in the prompt
+                    raw[(layer, i)] = (whole[row].to(self.device), sentence[row].to(self.device), int(start[row]))
         # Each memory reads the keys of its prompts in one call.
-        read: dict[int, tuple[torch.Tensor, float]] = {}
+        read: dict[int, tuple[torch.Tensor, float, int]] = {}
         for name, (memory, config, _version, engine_lock) in live.items():
             rows = [i for i, m in enumerate(memories) if m == name]
             if engine_lock is not None:
                 engine_lock.acquire()
             try:
-                whole, sentence = (torch.stack(c) for c in zip(*(raw[(config.key_layer, i)] for i in rows)))
-                keys = memory.most_familiar_keys(whole, sentence)
+                whole, sentence, start = zip(*(raw[(config.key_layer, i)] for i in rows))
+                keys, choice = memory.most_familiar_keys(torch.stack(whole), torch.stack(sentence))
                 soft, familiarity = memory.read(keys)
             finally:
                 if engine_lock is not None:
                     engine_lock.release()
             for row, i in enumerate(rows):
-                read[i] = (soft[row], float(familiarity[row]))
+                # the soft prompt goes in front of the candidate read: the whole prompt or its last sentence
+                read[i] = (soft[row], float(familiarity[row]), start[row] if int(choice[row]) else 0)
         embedding = input_embeddings(self.model)
         out = []
         for i, name in enumerate(memories):
@@ -492,10 +496,10 @@ class MemoryBank:
                 out.append(PromptEmbeds(tokens, ids[i], None, False, None))
                 continue
             config, version = live[name][1], live[name][2]
-            soft, familiarity = read[i]
+            soft, familiarity, at = read[i]
             speaks = familiarity >= config.familiarity_threshold
-            embeds = torch.cat([soft.to(tokens.dtype), tokens]) if speaks else tokens
-            out.append(PromptEmbeds(embeds, ids[i], name, speaks, familiarity, version))
+            embeds = torch.cat([tokens[:at], soft.to(tokens.dtype), tokens[at:]]) if speaks else tokens
+            out.append(PromptEmbeds(embeds, ids[i], name, speaks, familiarity, version, at if speaks else 0))
         if out_device is not None:
             for item in out:
                 item.embeds = item.embeds.detach().to(out_device)
