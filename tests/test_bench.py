@@ -125,10 +125,16 @@ def test_cli_edit_writes_results(tmp_path, monkeypatch, tiny_llama):
     monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
     out = tmp_path / "run"
     cli.main(["edit", "--data", str(DATA / "counterfact_dev.jsonl"), "--format", "counterfact", "--n", "3",
-              "--methods", "memory,none", "--schedule", "sequential", "--out", str(out), "--set", "max_steps=2"])
+              "--methods", "memory,none", "--schedule", "sequential", "--out", str(out), "--set", "max_steps=2",
+              "--save-memory", str(tmp_path / "memory")])
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 3 and res["format"] == "counterfact" and set(res["methods"]) == {"memory", "none"}
     assert (out / "results.png").is_file() and (out / "results.md").is_file()
+    # the saved memory is the one scored: loaded again, it gives the same familiarity to the taught prompts
+    engine = HybridTitansEngine.from_pretrained(model, tmp_path / "memory", tokenizer=tok)
+    records = load_records(DATA / "counterfact_dev.jsonl", "counterfact", n=3)
+    saved = engine.familiarity([r.prompt for r in records])
+    assert saved == pytest.approx(res["methods"]["memory"]["extra"]["per_record_familiarity"]["rel"], abs=1e-3)
 
 
 def test_generate_benchmark_runs(tiny_llama, tmp_path):

@@ -81,7 +81,8 @@ def cmd_edit(args) -> None:
     model, tokenizer = load_model(args.model)
     settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=config_from_args(args),
                             context_budget=args.context_budget, lora_r=args.lora_r, lora_lr=args.lora_lr,
-                            lora_cap=args.lora_cap, seed_lr=args.seed_lr, reference=_reference(args.reference))
+                            lora_cap=args.lora_cap, seed_lr=args.seed_lr, reference=_reference(args.reference),
+                            save_memory=args.save_memory)
     env = _environment(model, tokenizer)
     start = time.perf_counter()
     results = run_edit(model, tokenizer, records, methods, settings)
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed-lr", type=float, default=EditSettings.seed_lr)
     e.add_argument("--reference", default=None,
                    help="results.json of a memory run on the same data: lora without memory in --methods matches it")
+    e.add_argument("--save-memory", default=None, metavar="DIR",
+                   help="memory: save the memory of the last stream (all n facts unless --stream) to DIR, loadable "
+                        "with HybridTitansEngine.from_pretrained")
     e.set_defaults(func=cmd_edit)
 
     m = sub.add_parser("merge", help="combine results.json files of one edit benchmark run in separate processes")

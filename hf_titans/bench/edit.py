@@ -496,6 +496,7 @@ class EditSettings:
     seed_lr: float = 0.05
     check_base: bool = True
     reference: Optional[dict] = None  # a memory entry of an earlier results.json, for lora without memory
+    save_memory: Optional[str] = None  # memory: save the last stream's memory here (HybridTitansEngine checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -622,6 +623,8 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
                     gen[i] = token_accuracy([pg[j]], [target_refs[i]])[0]
                     loc[i] = token_accuracy([pl[j]], [base_loc[i]])[0]
                 score_seconds += time.perf_counter() - t
+            if isinstance(method, MemoryMethod) and s.save_memory:  # the last stream's memory, to inspect or rescore
+                method.engine.save_pretrained(s.save_memory)
         entry = {
             "rel": mean(rel), "gen": mean(gen), "loc": mean(loc),
             "teach_seconds": teach_seconds, "score_seconds": score_seconds,
