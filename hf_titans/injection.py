@@ -200,19 +200,26 @@ def last_sentence_starts(tokenizer, input_ids: torch.Tensor, attention_mask: tor
     return starts
 
 
-def last_sentences(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def last_sentences(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's tokens from ``starts[b]`` to its last real token, as a new left-padded batch (ids, mask).
+    """Each row's last sentence (its tokens from ``starts[b]``) as a text of its own, in a new left-padded batch
+    ``(ids, mask)``: decoded, stripped of leading whitespace and tokenised again as a taught text is.
 
-    Keyed on their own, they give exactly the key the same sentence gets when it is written as a text of its own
-    (at ``key_layer`` the hidden states of a sentence read after a question differ: cosine 0.75 between the two
-    keys for "The pass key is" on SmolLM2-135M)."""
-    rows = [input_ids[b, start:][attention_mask[b, start:].bool()] for b, start in enumerate(starts)]
+    Keyed on their own, they give the key the same sentence gets when it is written as a text of its own. Keyed
+    inside the prompt, the sentence before would move it (cosine 0.75 between the two keys of "The pass key is" on
+    SmolLM2-135M); and its tokens as cut from the prompt start with a space (" Howard" where the taught text had
+    "Howard"), which on SmolLM2-135M dropped a taught CounterFact prompt's familiarity from 0.62 to 0.17."""
+    rows = []
+    for b, start in enumerate(starts):
+        tail = input_ids[b, start:][attention_mask[b, start:].bool()]
+        text = tokenizer.decode(tail).lstrip()
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
+        rows.append(torch.tensor(ids, dtype=input_ids.dtype) if len(ids) else tail.cpu())
     width = max(len(r) for r in rows)
     ids = input_ids.new_zeros(len(rows), width)
     mask = attention_mask.new_zeros(len(rows), width)
     for b, row in enumerate(rows):
-        ids[b, width - len(row):] = row
+        ids[b, width - len(row):] = row.to(ids.device)
         mask[b, width - len(row):] = 1
     return ids, mask
 
@@ -228,6 +235,6 @@ def prompt_key_candidates(model: nn.Module, tokenizer, input_ids: torch.Tensor, 
     starts = last_sentence_starts(tokenizer, input_ids, attention_mask)
     if all(start == int(first) for start, first in zip(starts, firsts)):
         return [whole], [firsts]
-    tail, tail_mask = last_sentences(input_ids, attention_mask, starts)
+    tail, tail_mask = last_sentences(tokenizer, input_ids, attention_mask, starts)
     sentence = prefix_means(hidden_at_layer(model, tail, tail_mask, layer), tail_mask)[:, -1]
     return [whole, sentence], [firsts, torch.tensor(starts, device=firsts.device)]

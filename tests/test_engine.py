@@ -366,3 +366,19 @@ def test_soft_prompt_goes_before_the_recognised_sentence(tiny_llama):
     assert engine.surprise(prompt) == pytest.approx(float(nll), abs=1e-4)
     engine.generate(prompt, learn=True, max_new_tokens=2)  # familiar: read, not written
     assert engine.last_surprise[0] == pytest.approx(float(nll), abs=1e-4)
+
+
+def test_last_sentence_is_keyed_as_the_same_text_on_its_own(tiny_lm):
+    """The sentence candidate of a two-sentence prompt gets exactly the key of that sentence as a prompt of its own,
+    although inside the prompt its first token carries a space (" alpha" where the text alone has "alpha")."""
+    from hf_titans.injection import hidden_at_layer, prefix_means, prompt_key_candidates
+
+    model, tok = tiny_lm
+    prompt = "Once upon a time there was a king. " + PROMPT
+    batch = tok([prompt], return_tensors="pt")
+    (_, sentence), (_, start) = prompt_key_candidates(model, tok, batch["input_ids"], batch["attention_mask"], 1)
+    cut = batch["input_ids"][0, int(start[0]):]
+    alone = tok([PROMPT], return_tensors="pt")
+    assert tok.decode(cut) == " " + PROMPT and cut.tolist() != alone["input_ids"][0].tolist()
+    key = prefix_means(hidden_at_layer(model, alone["input_ids"], alone["attention_mask"], 1), alone["attention_mask"])
+    torch.testing.assert_close(sentence, key[:, -1])
