@@ -261,10 +261,9 @@ class HybridTitansEngine:
             embeds, full_mask, positions = join_prefix(embeds, full_mask, soft, slots, insert_at)
         n_p = self.config.n_persistent_tokens
         if persistent and n_p:
-            tokens = self.memory.persistent_tokens
+            tokens = self.memory.persistent_tokens.unsqueeze(0).expand(ids.shape[0], -1, -1)
             every = torch.ones(ids.shape[0], n_p, dtype=torch.bool, device=tokens.device)
-            embeds, full_mask, _ = join_prefix(embeds, full_mask, tokens.unsqueeze(0).expand(ids.shape[0], *tokens.shape),
-                                               every)
+            embeds, full_mask, _ = join_prefix(embeds, full_mask, tokens, every)
             positions = positions + n_p
         return embeds, full_mask, positions
 
