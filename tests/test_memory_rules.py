@@ -11,10 +11,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from hf_titans.config import MemoryConfig
 from hf_titans.memory import (
-    INNER_OPTIMIZERS, VARIANTS, DataDependentGates, GDOptimizer, M3Optimizer, MemoraOptimizer, MomentumOptimizer,
+    INNER_OPTIMIZERS, VARIANTS, DataDependentGates, NeuralMemory, GDOptimizer, M3Optimizer, MemoraOptimizer, MomentumOptimizer,
     MonetaOptimizer, TitansOptimizer, TTTLinear, YaadOptimizer, apply_gates, forgetting_closed_form, get_variant,
     huber_loss, kl_retention, kl_retention_update, l2_loss, l2_retention, l2_retention_update, lp_loss, lq_link,
     lq_link_inverse, lq_retention, momentum_closed_form, moneta_step, newton_schulz, segment_products,
@@ -311,7 +313,7 @@ def test_moneta_step_miras_eq24_by_hand():
     a, g = T([[1.0, -2.0], [0.5, 0.0]]), T([[0.2, 0.4], [-1.0, 0.3]])
     new_a, w = moneta_step(a, g, lr=0.5, retain=0.9, q=4.0)
     close(new_a, [[0.8, -2.0], [0.95, -0.15]])  # A_t = 0.9 A - 0.5 g
-    close(w, _mirror_by_hand(new_a, 4.0))  # W = Sign(A) |A|^3 / ||A||_4^2
+    close(w, _mirror_by_hand(new_a, 4.0 / 3.0))  # W = Sign(A) |A|^(1/3) / ||A||_(4/3)^(-2/3)
     _, w_printed = moneta_step(a, g, lr=0.5, retain=0.9, q=4.0, link="printed")
     n2 = math.sqrt(0.8 ** 4 + 2.0 ** 4 + 0.95 ** 4 + 0.15 ** 4)  # ||A||_4^2
     close(w_printed, [[0.8 / n2, -2.0 / n2], [0.95 / n2, -0.15 / n2]])  # eq. 24 as printed: A / ||A||_4^(q-2)
@@ -323,11 +325,14 @@ def test_lq_links():
     for link in ("mirror", "printed"):
         close(lq_link(lq_link_inverse(w, 4.0, link), 4.0, link), w)
         close(lq_link(torch.zeros(2, 2, dtype=D), 4.0, link), torch.zeros(2, 2, dtype=D))
-    # the mirror link is grad(||A||_q^2 / 2): a descent direction, 1-homogeneous (forgetting scales W)
+    # mirror descent with the retention R(W) = ||W||_q^2 / 2: A = grad R(W), W = grad R*(A), R* = ||A||_r^2 / 2
+    wg = w.clone().requires_grad_(True)
+    (a_of_w,) = torch.autograd.grad(0.5 * wg.abs().pow(4).sum().pow(0.5), wg)
+    close(lq_link_inverse(w, 4.0), a_of_w)
     a = torch.randn(3, 4, generator=gen, dtype=D).requires_grad_(True)
-    (g,) = torch.autograd.grad(0.5 * a.abs().pow(4).sum().pow(0.5), a)
+    (g,) = torch.autograd.grad(0.5 * a.abs().pow(4.0 / 3.0).sum().pow(1.5), a)
     close(lq_link(a.detach(), 4.0), g)
-    close(lq_link(0.7 * a.detach(), 4.0), 0.7 * lq_link(a.detach(), 4.0))
+    close(lq_link(0.7 * a.detach(), 4.0), 0.7 * lq_link(a.detach(), 4.0))  # 1-homogeneous: forgetting scales W
     close(lq_link(a.detach(), 2.0), a.detach())  # q = 2: no normalisation
     with pytest.raises(ValueError):
         lq_link_inverse(w, 3.0, "printed")
@@ -343,10 +348,30 @@ def test_moneta_optimizer_continues_from_the_current_memory():
     opt2 = MonetaOptimizer([p2], lr=0.5, forget=0.1, q=4.0)
     g = T([[0.2, 0.4], [-1.0, 0.3]])
     _step_with(opt2, p2, g)
-    r = 4.0 / 3.0  # A_0 = dual link of W_0: Sign(W) |W|^(r-1) / ||W||_r^(r-2)
-    nr = sum(abs(float(x)) ** r for x in w0.flatten()) ** (1 / r)
-    a0 = T([[math.copysign(abs(float(x)) ** (r - 1), float(x)) / nr ** (r - 2) for x in row] for row in w0])
-    close(p2.data, _mirror_by_hand(0.9 * a0 - 0.5 * g, 4.0))
+    n4 = sum(abs(float(x)) ** 4 for x in w0.flatten()) ** 0.25  # A_0 = Sign(W) |W|^3 / ||W||_4^2
+    a0 = T([[math.copysign(abs(float(x)) ** 3, float(x)) / n4 ** 2 for x in row] for row in w0])
+    close(p2.data, _mirror_by_hand(0.9 * a0 - 0.5 * g, 4.0 / 3.0))
+    # a memory changed outside the optimizer (or a state saved under another link): A is derived again from W
+    w1 = T([[1.0, 0.0], [0.0, -1.0]])
+    p2.data.copy_(w1)
+    _step_with(opt2, p2, torch.zeros(2, 2, dtype=D))
+    close(p2.data, 0.9 * w1)
+
+
+def test_moneta_makes_taught_keys_familiar():
+    """Moneta's rule on the engine's associative memory: four unit keys become familiar in 40 steps, others not."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(MemoryConfig(variant="moneta", assoc_lr=0.1), 64)
+    keys = F.normalize(torch.randn(4, 64), dim=-1)
+    others = F.normalize(torch.randn(16, 64), dim=-1)
+    opt = VARIANTS["moneta"].make_optimizer(mem.assoc_net.parameters(), lr=0.1, max_grad_norm=1.0)
+    for _ in range(40):
+        opt.zero_grad()
+        mem.assoc_losses(keys)[0].mean().backward()
+        assert opt.step() is True
+    with torch.no_grad():
+        assert float(mem.familiarity(keys).min()) > 0.9
+        assert float(mem.familiarity(others).abs().max()) < 0.2
 
 
 def test_yaad_miras_eq26_by_hand():
@@ -627,7 +652,7 @@ TOY = {  # variant, inner optimizer, lr, steps
     "titans": ("titans", None, 0.05, 80),
     "titans+gd": ("titans", "gd", 0.3, 80),
     "titans+m3": ("titans", "m3", 0.01, 80),  # Algorithm 1 as printed (no momentum decay)
-    "moneta": ("moneta", None, 0.3, 80),
+    "moneta": ("moneta", None, 0.1, 80),
     "yaad": ("yaad", None, 0.3, 80),
     "yaad+momentum": ("yaad", "momentum", 0.05, 80),
     "ttt_linear": ("ttt_linear", None, 0.3, 80),
