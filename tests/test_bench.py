@@ -17,7 +17,8 @@ from hf_titans.bench.data import EditRecord, load_records
 from hf_titans.bench.edit import EditSettings, PassCounter, markdown_table, plot, run_edit
 from hf_titans.bench.metrics import encode_prompt, encode_target, memory_soft_prompts, target_predictions
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "zsre_dev.jsonl").is_file(), reason="../shared/data is absent")
 
 FACT = "The secret project code is Omega-99."
@@ -168,3 +169,26 @@ def test_cli_split_run_and_merge(tmp_path, monkeypatch, tiny_llama):
     assert list(res["methods"]) == ["memory", "lora", "lora_to_rel"]
     assert res["methods"]["lora"]["llm_passes_per_fact"] == res["methods"]["memory"]["llm_passes_per_fact"]
     assert len(res["merged_from"]) == 2
+
+
+@needs_data
+def test_variants_edit_collects_one_row_per_preset(tmp_path, monkeypatch, tiny_llama, capsys):
+    import importlib.util
+
+    from hf_titans.bench import __main__ as cli
+
+    spec = importlib.util.spec_from_file_location("variants_edit", ROOT / "scripts" / "variants_edit.py")
+    variants_edit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants_edit)
+    model, tok = tiny_llama
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    out = tmp_path / "sweep"
+    cli.main(["edit", "--data", str(DATA / "zsre_dev.jsonl"), "--n", "3", "--methods", "memory",
+              "--config", str(ROOT / "configs" / "moneta.yaml"), "--set", "max_steps=2", "--out", str(out / "moneta")])
+    res = json.loads((out / "moneta" / "results.json").read_text())["methods"]["memory"]
+    capsys.readouterr()
+    assert variants_edit.main(["--out", str(out), "--collect"]) == 1  # the other presets are not there
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert f"| moneta | moneta / mac | 3 | {res['rel']:.3f} | {res['gen']:.3f} | {res['loc']:.3f} |" in rows["moneta"]
+    assert "not run" in rows["mag"]
+    assert variants_edit.main(["--out", str(out), "--collect", "--configs", "moneta"]) == 0
