@@ -64,6 +64,9 @@ class MemoryConfig:
         rehearsal_weight: how strongly a write keeps the soft prompts of those earlier keys where they were
             (self-distillation: the squared drift of their soft prompts, in units of the embeddings' std, is
             added to the surprise with this weight). Too weak and sequential writes overwrite each other.
+        rehearsal_neighbours: how many random neighbours of each stored key (cosine 0.8 to it, about a zsRE
+            paraphrase's) are held in place the same way, so a write keeps what the memory says *around* earlier
+            keys, not only at them; 0 holds the stored keys alone.
 
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
         read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
@@ -101,6 +104,7 @@ class MemoryConfig:
     familiarity_threshold: float = 0.5
     rehearsal_keys: int = 512
     rehearsal_weight: float = 30.0
+    rehearsal_neighbours: int = 0
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
     read_forget: float = 1e-4
@@ -154,7 +158,7 @@ class MemoryConfig:
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
         for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys", "memory_layer",
-                     "n_persistent_tokens"):
+                     "n_persistent_tokens", "rehearsal_neighbours"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.rehearsal_weight <= FLOAT32_MAX):

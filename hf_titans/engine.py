@@ -453,8 +453,12 @@ class HybridTitansEngine:
             if len(bank):
                 near = (bank @ keys[mask.bool()].float().T).max(dim=1).values > 0.95
                 bank = bank[~near]
+            stored = len(bank)
+            if stored and cfg.rehearsal_neighbours:  # and around them, where their paraphrases' keys fall
+                around = self.memory.neighbours(bank, cfg.rehearsal_neighbours, cfg.seed + self.updates)
+                bank = torch.cat([bank, around.to(bank.dtype)])
             with torch.no_grad():  # (mac only: the layer memories of mag / mal have no per-key output to keep)
-                anchors = (bank, self.memory.read(bank)[0]) if len(bank) and cfg.mode == "mac" else None
+                anchors = (bank, self.memory.read(bank)[0], stored) if stored and cfg.mode == "mac" else None
             todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
             steps = [0] * len(texts)
             histories: list[list[float]] = [[] for _ in texts]
@@ -530,7 +534,10 @@ class HybridTitansEngine:
         rehearsal = self.memory.assoc_losses(earlier)[0].mean() if len(earlier) else bias.new_zeros(())
         if anchors is not None:
             drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
-            rehearsal = rehearsal + cfg.rehearsal_weight * drift.pow(2).mean()
+            drift = drift.pow(2).flatten(1).mean(1)
+            stored = anchors[2]  # the stored keys, then their neighbours: each set held with the full weight
+            held = drift[:stored].mean() + (drift[stored:].mean() if len(drift) > stored else 0.0)
+            rehearsal = rehearsal + cfg.rehearsal_weight * held
         loss = nll.mean() + bias.mean() + rehearsal
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):

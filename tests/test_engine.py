@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import weights_hash
 from hf_titans import HybridTitansEngine, MemoryConfig
+from hf_titans.memory import NeuralMemory
 
 FACT = "alpha beta gamma delta epsilon zeta eta theta"
 PROMPT = "alpha beta gamma"
@@ -285,6 +286,35 @@ def test_rehearsal_weight_keeps_earlier_soft_prompts_in_place(tiny_llama):
         after = engine.prepare_inputs(PROMPT)["soft_prompts"]
         drift[weight] = float(((after - before) / engine.memory.embed_scale).pow(2).mean())
     assert drift[1000.0] < 0.25 * drift[0.0], drift
+
+
+def test_key_neighbours_are_unit_keys_at_the_given_cosine():
+    keys = torch.nn.functional.normalize(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    around = NeuralMemory.neighbours(keys, 3, seed=1)
+    assert around.shape == (15, 64)
+    assert torch.allclose(around.norm(dim=-1), torch.ones(15), atol=1e-5)
+    assert torch.allclose((around * keys.repeat_interleave(3, dim=0)).sum(-1), torch.full((15,), 0.8), atol=1e-5)
+    assert torch.equal(around, NeuralMemory.neighbours(keys, 3, seed=1))  # seeded
+    assert not torch.allclose(around[0], around[1])  # distinct neighbours of one key
+
+
+def test_rehearsal_neighbours_hold_the_soft_prompt_around_an_earlier_key(tiny_llama):
+    """With ``rehearsal_neighbours`` a later write also keeps what the memory says near an earlier key (where its
+    paraphrases fall), not only at the key itself."""
+    model, tok = tiny_llama
+    drift = {}
+    for count in (0, 8):
+        engine = HybridTitansEngine(model, tok, TINY.replace(rehearsal_neighbours=count))
+        engine.teach([FACT])
+        stored = engine.memory.rehearsal_keys()
+        probes = NeuralMemory.neighbours(stored, 2, seed=123)  # not the neighbours the engine draws
+        with torch.no_grad():
+            before = engine.memory.read(probes)[0].clone()
+        engine.teach(["Once upon a time there was a king who lived in a castle."])
+        with torch.no_grad():
+            after = engine.memory.read(probes)[0]
+        drift[count] = float(((after - before) / engine.memory.embed_scale).pow(2).mean())
+    assert drift[8] < 0.7 * drift[0], drift  # measured: 0.115 against 0.213
 
 
 def test_a_sentence_before_a_taught_prompt_does_not_hide_it(tiny_llama):

@@ -82,6 +82,7 @@ def test_config_names_match_the_registry():
     ({"inner_optimizer": 3}, TypeError, "'inner_optimizer' must be str or None"),
     ({"memory_layer": -1}, ValueError, "'memory_layer' must be >= 0"),
     ({"n_persistent_tokens": -2}, ValueError, "'n_persistent_tokens' must be >= 0"),
+    ({"rehearsal_neighbours": -1}, ValueError, "'rehearsal_neighbours' must be >= 0"),
 ])
 def test_bad_variant_mode_and_inner_optimizer_are_refused(changes, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(")):

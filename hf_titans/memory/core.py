@@ -176,6 +176,20 @@ class NeuralMemory(nn.Module):
         choice = self.familiarity(keys.flatten(0, 1)).view(keys.shape[:2]).argmax(0)
         return keys[choice, rows], choice
 
+    @staticmethod
+    def neighbours(keys: torch.Tensor, count: int, seed: int, cosine: float = 0.8) -> torch.Tensor:
+        """``count`` random unit keys per key of ``keys`` ``(N, H)``, each at ``cosine`` to it: ``(N * count, H)``.
+
+        ``c k + sqrt(1 - c^2) u`` with ``u`` a random unit direction orthogonal to ``k`` (seeded). The engine holds
+        the soft prompts there too when it rehearses (``rehearsal_neighbours``), so a write keeps the memory's
+        answer around an earlier key (where its paraphrases fall), not only at the key itself."""
+        g = torch.Generator().manual_seed(seed)
+        k = keys.float().repeat_interleave(count, dim=0)
+        u = torch.randn(k.shape, generator=g).to(k.device)
+        u = u - (u * k).sum(-1, keepdim=True) * k
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return cosine * k + (1.0 - cosine ** 2) ** 0.5 * u
+
     def values(self, keys: torch.Tensor) -> torch.Tensor:
         """``v = tanh(2 W_V k)``, the associative target of eq. 12 (fixed, never learned)."""
         return torch.tanh(2.0 * keys @ self.value_proj.T)
