@@ -192,3 +192,22 @@ def test_variants_edit_collects_one_row_per_preset(tmp_path, monkeypatch, tiny_l
     assert f"| moneta | moneta / mac | 3 | {res['rel']:.3f} | {res['gen']:.3f} | {res['loc']:.3f} |" in rows["moneta"]
     assert "not run" in rows["mag"]
     assert variants_edit.main(["--out", str(out), "--collect", "--configs", "moneta"]) == 0
+
+
+@pytest.mark.parametrize("mode", ["mag", "mal"])
+def test_layer_memory_modes_are_scored_with_the_layer_memory(tiny_llama, mode):
+    """In mag / mal the memory speaks inside a decoder layer: the scorer must hook it in where the gate opens (as
+    generate() does), not score the bare model."""
+    from hf_titans.bench.edit import MemoryMethod, NoneMethod
+
+    model, tok = tiny_llama
+    method = MemoryMethod(model, tok, MemoryConfig(mode=mode, memory_layer=1, max_steps=30))
+    method.engine.teach([FACT])
+    prompts, targets = ["The secret project code is", "Hello world, how"], ["Omega-99.", "are you"]
+    assert method.engine.prepare_inputs(prompts)["speaks"].tolist() == [True, False]
+    scored = method.predict(prompts, targets)
+    bare = NoneMethod(model, tok).predict(prompts, targets)
+    assert scored[0] != bare[0]  # the layer memory changed what the model predicts for the taught prompt
+    assert scored[1] == bare[1]  # and nothing where the gate is shut
+    first = method.engine.generate(prompts[0], max_new_tokens=1, do_sample=False)
+    assert _first_token(tok, scored[0]) == first

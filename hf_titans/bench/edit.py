@@ -221,6 +221,18 @@ class MemoryMethod(Method):
         self.fact_steps += [f.steps for f in report.facts]
         self.written += report.written
 
+    def predict(self, prompts: Sequence[str], targets: Sequence[str]) -> list[list[int]]:
+        if self.engine.config.mode == "mac":
+            return super().predict(prompts, targets)
+        # mag / mal: the memory acts inside decoder layer memory_layer, not through a soft prompt, so each prompt
+        # is scored with the engine's layer memory hooked in where the gate opens, as generate() runs it.
+        shown = self.prompts(prompts)
+        preds: list[list[int]] = []
+        for prompt, target, soft in zip(shown, targets, self.softs(shown)):
+            with self.engine._layer_memory(torch.tensor([soft is not None], device=self.engine.device)):
+                preds += target_predictions(self.model, self.tokenizer, [prompt], [target])
+        return preds
+
     def softs(self, prompts):
         softs, fam = memory_soft_prompts(self.engine, prompts)
         self.speaks.setdefault(self._scoring, []).extend(s is not None for s in softs)
