@@ -68,6 +68,10 @@ class MemoryConfig:
             paraphrase's) are held in place the same way, so a write keeps what the memory says *around* earlier
             keys, not only at them; 0 (default) holds the stored keys alone. Measured on 40 sequential zsRE
             facts, 2 gave no gain in Gen (docs/benchmarks.md), so it is off.
+        layer_rehearsal_states: ``mag`` / ``mal`` only: how many hidden states (at ``memory_layer``, 16 per written
+            text) of earlier writes the memory keeps in a ring buffer and holds its layer output at while later
+            texts are written, with ``rehearsal_weight`` (the layer memory's counterpart of the per-key anchors;
+            without it sequential writes overwrite each other). 0 keeps none (memories saved before it existed).
 
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
         read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
@@ -106,6 +110,7 @@ class MemoryConfig:
     rehearsal_keys: int = 512
     rehearsal_weight: float = 30.0
     rehearsal_neighbours: int = 0
+    layer_rehearsal_states: int = 1024
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
     read_forget: float = 1e-4
@@ -159,7 +164,7 @@ class MemoryConfig:
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
         for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys", "memory_layer",
-                     "n_persistent_tokens", "rehearsal_neighbours"):
+                     "n_persistent_tokens", "rehearsal_neighbours", "layer_rehearsal_states"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.rehearsal_weight <= FLOAT32_MAX):

@@ -457,8 +457,13 @@ class HybridTitansEngine:
             if stored and cfg.rehearsal_neighbours:  # and around them, where their paraphrases' keys fall
                 around = self.memory.neighbours(bank, cfg.rehearsal_neighbours, cfg.seed + self.updates)
                 bank = torch.cat([bank, around.to(bank.dtype)])
-            with torch.no_grad():  # (mac only: the layer memories of mag / mal have no per-key output to keep)
-                anchors = (bank, self.memory.read(bank)[0], stored) if stored and cfg.mode == "mac" else None
+            with torch.no_grad():
+                if cfg.mode == "mac":
+                    anchors = (bank, self.memory.read(bank)[0], stored) if stored else None
+                else:  # mag / mal: the layer memory's output is held at hidden states of earlier writes instead
+                    states = self.memory.rehearsal_states()
+                    anchors = (states, self.memory.layer_delta(states.unsqueeze(0))[0], len(states)) \
+                        if len(states) else None
             todo = [i for i in range(len(texts)) if float(before[i]) >= cfg.surprise_threshold]
             steps = [0] * len(texts)
             histories: list[list[float]] = [[] for _ in texts]
@@ -494,6 +499,12 @@ class HybridTitansEngine:
                 ends = prefixes[i]
                 pick = torch.linspace(0, len(ends) - 1, min(4, len(ends))).round().long()
                 self.memory.remember_keys(keys[i, ends[pick]])
+        wrote = [i for i in range(len(texts)) if steps[i] > 0]
+        if wrote and cfg.mode != "mac" and cfg.layer_rehearsal_states:  # 16 states per text, spread over it
+            hidden = hidden_at_layer(self.model, ids[wrote], mask[wrote], cfg.memory_layer)
+            for row, i in enumerate(wrote):
+                real = hidden[row][mask[i].bool()]
+                self.memory.remember_states(real[torch.linspace(0, len(real) - 1, min(16, len(real))).round().long()])
         for i, text in enumerate(texts):
             written = steps[i] > 0
             report.facts.append(FactReport(text, float(before[i]), float(after[i]), steps[i], written,
@@ -533,7 +544,10 @@ class HybridTitansEngine:
         earlier = self.memory.rehearsal_keys()
         rehearsal = self.memory.assoc_losses(earlier)[0].mean() if len(earlier) else bias.new_zeros(())
         if anchors is not None:
-            drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
+            if cfg.mode == "mac":
+                drift = (self.memory.read(anchors[0])[0] - anchors[1]) / self.memory.embed_scale
+            else:
+                drift = (self.memory.layer_delta(anchors[0].unsqueeze(0))[0] - anchors[1]) / self.memory.layer_scale
             drift = drift.pow(2).flatten(1).mean(1)
             stored = anchors[2]  # the stored keys, then their neighbours: each set held with the full weight
             held = drift[:stored].mean() + (drift[stored:].mean() if len(drift) > stored else 0.0)

@@ -258,6 +258,8 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
                             f"({data['hf_titans_version']!r}); upgrade hf_titans to load it")
     if not isinstance(data["hf_titans_version"], str):
         raise _fail(source, "hf_titans_version must be a string")
+    if isinstance(data["memory_config"], dict) and "layer_rehearsal_states" not in data["memory_config"]:
+        data["memory_config"] = {**data["memory_config"], "layer_rehearsal_states": 0}  # saved before it existed
     data["memory_config"] = MemoryConfig.from_dict(data["memory_config"], source=f"{source} memory_config")
     if isinstance(data["base_model"], dict):  # format 1 checkpoints written before adapters were fingerprinted
         data["base_model"].setdefault("adapter_fingerprint", None)

@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import weights_hash
 from hf_titans import HybridTitansEngine, MemoryConfig
+from hf_titans.injection import hidden_at_layer
 from hf_titans.memory import NeuralMemory
 
 FACT = "alpha beta gamma delta epsilon zeta eta theta"
@@ -315,6 +316,33 @@ def test_rehearsal_neighbours_hold_the_soft_prompt_around_an_earlier_key(tiny_ll
             after = engine.memory.read(probes)[0]
         drift[count] = float(((after - before) / engine.memory.embed_scale).pow(2).mean())
     assert drift[8] < 0.7 * drift[0], drift  # measured: 0.115 against 0.213
+
+
+@pytest.mark.parametrize("mode", ["mag", "mal"])
+def test_layer_rehearsal_holds_the_layer_memory_at_earlier_writes(tiny_llama, mode):
+    """mag / mal keep hidden states of written texts (16 per text) and hold the layer memory's output there while
+    a later text is written; without them the second write moves it freely."""
+    model, tok = tiny_llama
+    drift, kept = {}, {}
+    for states in (0, 64):
+        engine = HybridTitansEngine(model, tok, TINY.replace(mode=mode, memory_layer=1, rehearsal_weight=1000.0,
+                                                             layer_rehearsal_states=states))
+        engine.teach([FACT])
+        probe = engine.memory.rehearsal_states() if states else None
+        kept[states] = len(engine.memory.rehearsal_states())
+        ids, mask = engine._encode([FACT])
+        hidden = hidden_at_layer(model, ids, mask, 1)[mask.bool()]
+        with torch.no_grad():
+            before = engine.memory.layer_delta(hidden.unsqueeze(0)).clone()
+        engine.teach(["Once upon a time there was a king who lived in a castle."])
+        with torch.no_grad():
+            after = engine.memory.layer_delta(hidden.unsqueeze(0))
+        drift[states] = float(((after - before) / engine.memory.layer_scale).pow(2).mean())
+        if probe is not None:  # the bank holds unit-RMS states of the first text, then of the second
+            assert torch.allclose(probe.pow(2).mean(-1), torch.ones(len(probe)), atol=1e-2)
+            assert len(engine.memory.rehearsal_states()) > kept[states]
+    assert kept == {0: 0, 64: min(16, int(ids.shape[1]))}
+    assert drift[64] < 0.5 * drift[0], drift
 
 
 def test_a_sentence_before_a_taught_prompt_does_not_hide_it(tiny_llama):

@@ -299,6 +299,27 @@ def test_checkpoint_whose_rule_state_does_not_match_the_variant_is_refused(tiny_
         HybridTitansEngine.from_pretrained(model, path, tokenizer=tok)
 
 
+def test_layer_memory_saved_before_the_layer_rehearsal_bank_still_loads(tiny_llama, tmp_path):
+    """A mag memory saved before ``layer_rehearsal_states`` existed (no such config key, no bank tensors) loads
+    with the bank off and answers as saved."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, CASES["mag"])
+    engine.teach([FACT], max_steps=20)
+    assert len(engine.memory.rehearsal_states()) > 0
+    path = Path(engine.save_pretrained(tmp_path / "mem"))
+    config = json.loads((path / "config.json").read_text())
+    del config["memory_config"]["layer_rehearsal_states"]
+    (path / "config.json").write_text(json.dumps(config))
+    weights = path / config["files"]["weights"]
+    tensors = {k: v for k, v in load_file(weights).items() if "layer_bank" not in k}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    loaded = HybridTitansEngine.from_pretrained(model, path, tokenizer=tok)
+    assert loaded.config.layer_rehearsal_states == 0 and len(loaded.memory.rehearsal_states()) == 0
+    assert loaded.generate(PROMPT, max_new_tokens=6) == engine.generate(PROMPT, max_new_tokens=6)
+
+
 # ---------------------------------------------------------------------------------------------- persistent memory
 def test_persistent_tokens_are_fitted_not_taught_and_saved(tiny_llama, tmp_path):
     model, tok = tiny_llama

@@ -83,6 +83,9 @@ class NeuralMemory(nn.Module):
         else:  # mag / mal: a per-token memory on the hidden states of decoder layer memory_layer
             self.layer_net = _mlp(h, config.memory_hidden, h, config.memory_depth)
             self.register_buffer("layer_scale", torch.ones(h))  # std of those hidden states (calibrated)
+            if config.layer_rehearsal_states:  # unit-RMS hidden states of earlier writes, held in place
+                self.register_buffer("layer_bank", torch.zeros(config.layer_rehearsal_states, h, dtype=torch.float16))
+                self.register_buffer("layer_bank_count", torch.zeros((), dtype=torch.int64))
             if config.mode == "mag":
                 self.gate_net = nn.Linear(h, 1)  # the learned gate g_t = sigmoid(w . x_t + b)
         if config.variant == "ttt_linear":  # TTT-Linear's hidden state: f(k) = W k (TTT sec. 2.3), W_0 = 0
@@ -203,6 +206,26 @@ class NeuralMemory(nn.Module):
         for key in keys[-capacity:]:
             self.rehearsal_bank[int(self.rehearsal_count) % capacity] = key.to(self.rehearsal_bank.dtype)
             self.rehearsal_count += 1
+
+    @torch.no_grad()
+    def remember_states(self, hidden: torch.Tensor) -> None:
+        """Store hidden states ``(N, hidden)`` at ``memory_layer`` (scaled to unit RMS, as :meth:`layer_delta`
+        reads them) in the layer rehearsal ring buffer (oldest overwritten first); mag / mal only."""
+        if not hasattr(self, "layer_bank"):
+            return
+        capacity = self.layer_bank.shape[0]
+        x = hidden.float()
+        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        for state in x[-capacity:]:
+            self.layer_bank[int(self.layer_bank_count) % capacity] = state.to(self.layer_bank.dtype)
+            self.layer_bank_count += 1
+
+    def rehearsal_states(self) -> torch.Tensor:
+        """The stored layer states ``(N, hidden)`` (float32); empty in mac mode or with none stored."""
+        if not hasattr(self, "layer_bank"):
+            return torch.zeros(0, self.hidden_size, device=self.key_center.device)
+        n = min(int(self.layer_bank_count), self.layer_bank.shape[0])
+        return self.layer_bank[:n].float()
 
     def rehearsal_keys(self) -> torch.Tensor:
         """The stored keys (float32, normalised), oldest first once the ring has wrapped or not."""
