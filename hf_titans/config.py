@@ -55,6 +55,12 @@ class MemoryConfig:
         min_prefix_tokens: the shortest prompt prefix (in tokens) the memory learns to answer from.
         prefixes_per_step: how many prefixes of a text one update step trains on (one batched LLM pass).
         learn_steps: update steps ``generate(..., learn=True)`` takes on a surprising prompt.
+        verify_prefixes: a text counts as written only once the continuation of *every* one of its prefixes (not
+            only the few an update step samples) is below ``target_loss``: one extra forward pass (no backward)
+            over all its prefixes whenever the sampled ones pass. Off by default (the published benchmark figures
+            were taken without it); on SmolLM2-135M it made a single taught pass key come back greedily from
+            "The pass key is" for 9 of 9 keys against 8 of 12 without it, at about 40% more update steps
+            (docs/reading.md).
 
     Locality gate:
         familiarity_threshold: the memory speaks for a prompt only when its familiarity
@@ -106,6 +112,7 @@ class MemoryConfig:
     min_prefix_tokens: int = 3
     prefixes_per_step: int = 3
     learn_steps: int = 40
+    verify_prefixes: bool = False
     familiarity_threshold: float = 0.5
     rehearsal_keys: int = 512
     rehearsal_weight: float = 30.0

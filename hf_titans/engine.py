@@ -577,7 +577,19 @@ class HybridTitansEngine:
             worst_assoc = float(assoc.detach()[owner_of_key == i].max())
             if worst_nll < cfg.target_loss and 1 - worst_assoc >= min(1.0, cfg.familiarity_threshold + 0.15):
                 finished.append(i)
+        if cfg.verify_prefixes and finished:
+            finished = self._every_prefix_below_target(ids, mask, keys, prefixes, finished)
         return finished
+
+    @torch.no_grad()
+    def _every_prefix_below_target(self, ids, mask, keys, prefixes, texts: list[int]) -> list[int]:
+        """The texts of ``texts`` whose continuation after every one of their prefixes, each read with its own
+        prefix's key, is below ``target_loss`` (``MemoryConfig.verify_prefixes``): one batched forward pass."""
+        rows = torch.tensor([i for i in texts for _ in prefixes[i]])
+        ends = torch.cat([prefixes[i] for i in texts])
+        soft, _ = self.memory.read(keys[rows, ends])
+        nll = self._token_nll(ids[rows], mask[rows], soft, torch.ones(len(rows), dtype=torch.bool), ends)
+        return [i for i in texts if float(nll[rows == i].max()) < self.config.target_loss]
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

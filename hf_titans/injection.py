@@ -44,7 +44,10 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     layer: int) -> torch.Tensor:
-    """Hidden states ``(B, T, H)`` entering decoder layer ``layer``; runs only the layers before it."""
+    """Hidden states ``(B, T, H)`` entering decoder layer ``layer``; runs only the layers before it.
+
+    Positions count each row's real tokens only, so a left-padded row gets the hidden states it has alone (models
+    with absolute position embeddings, e.g. GPT-2, would otherwise see its tokens shifted by the padding)."""
     if layer == 0:
         return input_embeddings(model)(input_ids)
     blocks = decoder_layers(model)
@@ -58,7 +61,8 @@ def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     handle = blocks[layer - 1].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     except _StopForward:
         pass
     finally:

@@ -440,3 +440,45 @@ def test_last_sentence_is_keyed_as_the_same_text_on_its_own(tiny_lm):
     assert tok.decode(cut) == " " + PROMPT and cut.tolist() != alone["input_ids"][0].tolist()
     key = prefix_means(hidden_at_layer(model, alone["input_ids"], alone["attention_mask"], 1), alone["attention_mask"])
     torch.testing.assert_close(sentence, key[:, -1])
+
+
+def _worst_prefix_nll(engine, text: str) -> float:
+    """The largest continuation NLL over a text's prefixes (from ``min_prefix_tokens`` on), each prefix read with
+    its own key, the text encoded alone."""
+    ids, mask = engine._encode([text])
+    ends = torch.arange(engine.config.min_prefix_tokens - 1, ids.shape[1])
+    with torch.no_grad():
+        soft, _ = engine.memory.read(engine._keys(ids, mask)[0, ends])
+        nll = engine._token_nll(ids.expand(len(ends), -1), mask.expand(len(ends), -1), soft,
+                                torch.ones(len(ends), dtype=torch.bool), ends)
+    return float(nll.max())
+
+
+def test_verify_prefixes_writes_until_every_prefix_is_below_target(tiny_llama):
+    """Without it a text counts as written when the few prefixes of the last step are below target_loss, which
+    leaves others above; with it every prefix's continuation is below target_loss when teach() returns."""
+    model, tok = tiny_llama
+    texts = ["Once upon a time there was a king who lived in a castle.", FACT]
+    worst, steps = {}, {}
+    for verify in (False, True):
+        torch.manual_seed(0)
+        engine = HybridTitansEngine(model, tok, MemoryConfig(max_steps=120, target_loss=1.0, verify_prefixes=verify))
+        report = engine.teach(texts)
+        steps[verify] = report.steps
+        worst[verify] = max(_worst_prefix_nll(engine, t) for t in texts)
+    assert worst[False] >= 1.0, worst  # the sampled check alone stops early here
+    assert worst[True] < 1.0, worst
+    assert steps[True] > steps[False]
+
+
+def test_keys_of_a_left_padded_text_equal_its_keys_alone(tiny_lm):
+    """Keys are computed with positions that skip the padding, so absolute-position models (GPT-2) key a text the
+    same in a batch as alone."""
+    model, tok = tiny_lm
+    engine = HybridTitansEngine(model, tok, TINY)
+    ids, mask = engine._encode(["Once upon a time there was a king who lived in a castle.", FACT])
+    alone_ids, alone_mask = engine._encode([FACT])
+    with torch.no_grad():
+        batch = engine._keys(ids, mask)[1, -alone_ids.shape[1]:]
+        alone = engine._keys(alone_ids, alone_mask)[0]
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=1e-4)
