@@ -59,7 +59,7 @@ class MemoryConfig:
             only the few an update step samples) is below ``target_loss``: one extra forward pass (no backward)
             over all its prefixes whenever the sampled ones pass. Off by default (the published benchmark figures
             were taken without it); on SmolLM2-135M it made a single taught pass key come back greedily from
-            "The pass key is" for 9 of 9 keys against 8 of 12 without it, at about 40% more update steps
+            "The pass key is" for 12 of 12 keys against 8 of 12 without it, at about 30% more update steps
             (docs/reading.md).
 
     Locality gate:
