@@ -37,6 +37,28 @@ from .objectives import l2_loss
 from .variants import get_variant
 
 
+def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) scaled to unit RMS over its last dimension: the ``x~`` the layer memory reads."""
+    x = x.float()
+    return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+@torch.no_grad()
+def _ring_append(bank: torch.Tensor, count: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` into the ring buffer ``bank`` (oldest overwritten first); ``count`` counts every write."""
+    capacity = bank.shape[0]
+    if capacity == 0:
+        return
+    for row in rows[-capacity:]:
+        bank[int(count) % capacity] = row.to(bank.dtype)
+        count += 1
+
+
+def _ring_rows(bank: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The rows a ring buffer holds so far (float32)."""
+    return bank[:min(int(count), bank.shape[0])].float()
+
+
 def _mlp(d_in: int, hidden: int, d_out: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = d_in
@@ -197,40 +219,25 @@ class NeuralMemory(nn.Module):
         """``v = tanh(2 W_V k)``, the associative target of eq. 12 (fixed, never learned)."""
         return torch.tanh(2.0 * keys @ self.value_proj.T)
 
-    @torch.no_grad()
     def remember_keys(self, keys: torch.Tensor) -> None:
         """Store normalised keys in the rehearsal ring buffer (oldest overwritten first)."""
-        capacity = self.rehearsal_bank.shape[0]
-        if capacity == 0:
-            return
-        for key in keys[-capacity:]:
-            self.rehearsal_bank[int(self.rehearsal_count) % capacity] = key.to(self.rehearsal_bank.dtype)
-            self.rehearsal_count += 1
+        _ring_append(self.rehearsal_bank, self.rehearsal_count, keys)
 
-    @torch.no_grad()
     def remember_states(self, hidden: torch.Tensor) -> None:
         """Store hidden states ``(N, hidden)`` at ``memory_layer`` (scaled to unit RMS, as :meth:`layer_delta`
         reads them) in the layer rehearsal ring buffer (oldest overwritten first); mag / mal only."""
-        if not hasattr(self, "layer_bank"):
-            return
-        capacity = self.layer_bank.shape[0]
-        x = hidden.float()
-        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        for state in x[-capacity:]:
-            self.layer_bank[int(self.layer_bank_count) % capacity] = state.to(self.layer_bank.dtype)
-            self.layer_bank_count += 1
+        if hasattr(self, "layer_bank"):
+            _ring_append(self.layer_bank, self.layer_bank_count, _unit_rms(hidden))
 
     def rehearsal_states(self) -> torch.Tensor:
         """The stored layer states ``(N, hidden)`` (float32); empty in mac mode or with none stored."""
         if not hasattr(self, "layer_bank"):
             return torch.zeros(0, self.hidden_size, device=self.key_center.device)
-        n = min(int(self.layer_bank_count), self.layer_bank.shape[0])
-        return self.layer_bank[:n].float()
+        return _ring_rows(self.layer_bank, self.layer_bank_count)
 
     def rehearsal_keys(self) -> torch.Tensor:
-        """The stored keys (float32, normalised), oldest first once the ring has wrapped or not."""
-        n = min(int(self.rehearsal_count), self.rehearsal_bank.shape[0])
-        return self.rehearsal_bank[:n].float()
+        """The stored keys (float32, normalised), in buffer order."""
+        return _ring_rows(self.rehearsal_bank, self.rehearsal_count)
 
     # ------------------------------------------------------------------ read / surprise
     def read(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +260,7 @@ class NeuralMemory(nn.Module):
         ``g(x~) = sigmoid(w . x~ + b)``. ``x~`` is ``x`` scaled to unit RMS per token; ``M``'s output is scaled
         by the calibrated per-channel std of those hidden states. Exactly 0 before the memory is written.
         """
-        x = hidden.float()
-        x = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        x = _unit_rms(hidden)
         delta = self.layer_net(x) * self.layer_scale
         if self.mode == "mag":
             delta = delta * torch.sigmoid(self.gate_net(x))
