@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="zsRE or CounterFact JSONL file (read by path)")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--device", default=None, help="run each preset with the base on this device (e.g. cuda)")
     parser.add_argument("--collect", action="store_true", help="run nothing; print the table of what is there")
     args = parser.parse_args(argv)
     names = args.configs.split(",")
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "hf_titans.bench", "edit", "--data", args.data, "--n", str(args.n),
                    "--methods", "memory", "--schedule", "sequential", "--threads", str(args.threads),
                    "--config", str(REPO / "configs" / f"{name}.yaml"), "--out", str(out / name)]
+            cmd += ["--device", args.device] if args.device else []
             print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
             if subprocess.run(cmd, env=env, cwd=REPO).returncode != 0:
                 print(f"{name}: the run failed (see above)", file=sys.stderr)

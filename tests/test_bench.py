@@ -123,7 +123,7 @@ def test_cli_edit_writes_results(tmp_path, monkeypatch, tiny_llama):
     from hf_titans.bench import __main__ as cli
 
     model, tok = tiny_llama
-    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: (model, tok))
     out = tmp_path / "run"
     cli.main(["edit", "--data", str(DATA / "counterfact_dev.jsonl"), "--format", "counterfact", "--n", "3",
               "--methods", "memory,none", "--schedule", "sequential", "--out", str(out), "--set", "max_steps=2",
@@ -157,7 +157,7 @@ def test_cli_split_run_and_merge(tmp_path, monkeypatch, tiny_llama):
     from hf_titans.bench import __main__ as cli
 
     model, tok = tiny_llama
-    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: (model, tok))
     common = ["--data", str(DATA / "zsre_dev.jsonl"), "--n", "2", "--schedule", "sequential", "--set", "max_steps=2",
               "--lora-cap", "2"]
     cli.main(["edit", *common, "--methods", "memory", "--out", str(tmp_path / "a")])
@@ -181,7 +181,7 @@ def test_variants_edit_collects_one_row_per_preset(tmp_path, monkeypatch, tiny_l
     variants_edit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(variants_edit)
     model, tok = tiny_llama
-    monkeypatch.setattr(cli, "load_model", lambda name: (model, tok))
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: (model, tok))
     out = tmp_path / "sweep"
     cli.main(["edit", "--data", str(DATA / "zsre_dev.jsonl"), "--n", "3", "--methods", "memory",
               "--config", str(ROOT / "configs" / "moneta.yaml"), "--set", "max_steps=2", "--out", str(out / "moneta")])

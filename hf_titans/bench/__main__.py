@@ -18,10 +18,14 @@ from .data import FORMATS, load_records
 from .edit import METHODS, SCHEDULES, EditSettings
 
 
-def load_model(name: str | None):
+def load_model(name: str | None, device: str | None = None):
+    """The frozen base (default: the embedded SmolLM2-135M), moved to ``device`` (``cuda``, ``cuda:1``) if given."""
     from ..base_model import load_base_model
 
-    return load_base_model(name)
+    model, tokenizer = load_base_model(name)
+    if device:
+        model.to(device)
+    return model, tokenizer
 
 
 def config_from_args(args) -> MemoryConfig:
@@ -46,7 +50,14 @@ def _environment(model, tokenizer) -> dict[str, Any]:
             "device": str(next(model.parameters()).device), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_git()}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_accelerator(model), **_git()}
+
+
+def _accelerator(model) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
 
 
 def _git() -> dict[str, Any]:
@@ -78,7 +89,7 @@ def cmd_edit(args) -> None:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = load_records(args.data, args.format, n=args.n, seed=args.seed if args.sample else None)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     settings = EditSettings(schedule=args.schedule, stream=args.stream, seed=args.seed, config=config_from_args(args),
                             context_budget=args.context_budget, lora_r=args.lora_r, lora_lr=args.lora_lr,
                             lora_cap=args.lora_cap, seed_lr=args.seed_lr, reference=_reference(args.reference),
@@ -139,7 +150,7 @@ def cmd_merge(args) -> None:
 def cmd_generate(args) -> None:
     from .generate import markdown_table, plot, run_generate
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     env = _environment(model, tokenizer)
     lengths = [int(x) for x in str(args.max_new_tokens).split(",")]
     batches = [int(x) for x in str(args.batch_sizes).split(",")]
@@ -159,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default=None, help="MemoryConfig YAML/JSON file (default: MemoryConfig())")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_argument("--device", default=None, help="put the base (and so the memory) on this device, e.g. cuda")
 
     e = sub.add_parser("edit", parents=[common], help="Rel/Gen/Loc and cost of teaching edits, per method")
     e.add_argument("--data", required=True, help="zsRE or CounterFact JSONL file (read by path)")

@@ -32,7 +32,7 @@ def load_kwargs(base: str) -> dict:
     raise ValueError(f"unknown base {base!r}; choose from {', '.join(BASES)}")
 
 
-def run_one(base: str, threads: int | None = None) -> dict:
+def run_one(base: str, threads: int | None = None, device: str | None = None) -> dict:
     import torch
 
     if threads:
@@ -41,7 +41,8 @@ def run_one(base: str, threads: int | None = None) -> dict:
     from hf_titans.demo import run_total_recall
 
     start = time.perf_counter()
-    model, tokenizer = load_base_model(**load_kwargs(base))
+    placement = {"device_map": {"": device}} if device else {}
+    model, tokenizer = load_base_model(**load_kwargs(base), **placement)
     load_seconds = time.perf_counter() - start
     result = run_total_recall(HybridTitansEngine(model, tokenizer))
     return {"base": base, "recall": f"{sum(result.recalled.values())}/{len(result.recalled)}",
@@ -49,6 +50,9 @@ def run_one(base: str, threads: int | None = None) -> dict:
             "teach_seconds": round(result.teach_seconds, 1), "load_seconds": round(load_seconds, 1),
             "model_footprint_mb": round(model.get_memory_footprint() / 2 ** 20, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **({"device": torch.cuda.get_device_name(model.device),
+                "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)}
+               if model.device.type == "cuda" else {}),
             "answers": result.answers}
 
 
@@ -57,15 +61,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated subset of " + ",".join(BASES))
     parser.add_argument("--out", default="results/bases", help="folder for results.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    parser.add_argument("--device", default=None, help="load each base onto this device (e.g. cuda)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds at most per base (a row says so)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.threads)))
+        print(json.dumps(run_one(args.one, args.threads, args.device)))
         return 0
     rows = []
     for base in args.bases.split(","):
         threads = ["--threads", str(args.threads)] if args.threads else []
+        threads += ["--device", args.device] if args.device else []
         try:
             proc = subprocess.run([sys.executable, "-m", "hf_titans.bench.bases", "--one", base, *threads],
                                   capture_output=True, text=True, timeout=args.timeout)
@@ -81,13 +87,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    print("| base | recall | locality | teach s | model MB | peak RSS MB |\n| --- | --- | --- | --- | --- | --- |")
+    print("| base | recall | locality | teach s | model MB | peak RSS MB | peak GPU MB |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['base']} | error: {r['error']} | | | | |")
+            print(f"| {r['base']} | error: {r['error']} | | | | | |")
         else:
             print(f"| {r['base']} | {r['recall']} | {r['locality']} | {r['teach_seconds']} | "
-                  f"{r['model_footprint_mb']} | {r['peak_rss_mb']} |")
+                  f"{r['model_footprint_mb']} | {r['peak_rss_mb']} | {r.get('peak_gpu_mb', '-')} |")
     return 0
 
 

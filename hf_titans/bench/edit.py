@@ -579,6 +579,9 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
         memory_passes_total = int(ref["passes"]["fwd_bwd"])
     for name in names:
         torch.manual_seed(s.seed)
+        cuda = next(model.parameters()).device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as rss:
             if name == "memory":
                 method: Method = MemoryMethod(model, tokenizer, s.config)
@@ -646,6 +649,7 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
             "llm_rows_per_fact": counter.rows / n,
             "passes": counter.to_dict(),
             "peak_rss_mb": rss.peak, "rss_before_mb": rss.start, "rss_growth_mb": rss.peak - rss.start,
+            **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}),
             "artifact_bytes": method.artifact_bytes(),
             "rel_by_age": _age_buckets(rel, order_in_stream, stream),
             "extra": method.extra(),

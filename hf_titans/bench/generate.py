@@ -41,8 +41,12 @@ SILENT_PROMPTS = [
 
 
 def _time(fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn()``, waiting for queued GPU work on both ends (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 

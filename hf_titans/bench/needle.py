@@ -144,7 +144,7 @@ def bare_on_last_window(model, tokenizer, text: str, window: int, question: str,
 def run_needle(model, tokenizer, lengths: Sequence[int], trials: int, fillers: Sequence[str] = FILLERS,
                window: int = 2048, chunk_tokens: int = 512, context_tokens: int = 64, config: MemoryConfig | None = None,
                max_steps: int | None = None, max_new_tokens: int = 8, seed: int = 0, baseline: bool = True,
-               control: bool = False, log: Callable[[str], None] = print,
+               control: bool = False, first_trial: int = 0, log: Callable[[str], None] = print,
                checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
     if chunk_tokens + context_tokens + 1 > window:
         raise ValueError(f"chunk_tokens + context_tokens ({chunk_tokens + context_tokens}) must fit in the window "
@@ -153,12 +153,13 @@ def run_needle(model, tokenizer, lengths: Sequence[int], trials: int, fillers: S
     results: dict[str, Any] = {"settings": {"lengths": list(lengths), "trials": trials, "fillers": list(fillers),
                                             "window": window, "chunk_tokens": chunk_tokens,
                                             "context_tokens": context_tokens, "max_steps": max_steps,
-                                            "max_new_tokens": max_new_tokens, "seed": seed, "question": QUESTION,
+                                            "max_new_tokens": max_new_tokens, "seed": seed, "first_trial": first_trial,
+                                            "question": QUESTION,
                                             "cloze": CLOZE, "needle": NEEDLE, "config": engine.config.to_dict()},
                                "trials": [], "summary": []}
     for filler in fillers:
         for n in lengths:
-            for t in range(trials):
+            for t in range(first_trial, first_trial + trials):
                 rng = random.Random(f"{seed}-{filler}-{n}-{t}")
                 hay = make_haystack(tokenizer, n, filler, rng, window)
                 assert not hay["needle_in_last_window"]
@@ -253,6 +254,8 @@ def add_parser(sub, common, config: Callable, environment: Callable, load_model:
     p.add_argument("--max-steps", type=int, default=None, help="update steps per written chunk (default: config)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-trial", type=int, default=0,
+                   help="index of the first trial: split one run's trials over processes (0-9 here, 10-19 there)")
     p.add_argument("--no-baseline", action="store_true", help="skip the bare model on the last window")
     p.add_argument("--control", action="store_true", help="also run the bare model with the needle in its window")
 
@@ -264,7 +267,7 @@ def add_parser(sub, common, config: Callable, environment: Callable, load_model:
                 raise SystemExit(f"unknown filler {f!r}; choose from {', '.join(FILLERS)}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, args.device)
         head = {"benchmark": "needle", **environment(model, tokenizer),
                 "command": "python -m hf_titans.bench " + " ".join(sys.argv[1:])}
         start = time.perf_counter()
@@ -277,7 +280,8 @@ def add_parser(sub, common, config: Callable, environment: Callable, load_model:
         results = run_needle(model, tokenizer, lengths, args.trials, fillers, window=args.window,
                              chunk_tokens=args.chunk_tokens, context_tokens=args.context_tokens, config=config(args),
                              max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                             baseline=not args.no_baseline, control=args.control, checkpoint=save)
+                             baseline=not args.no_baseline, control=args.control, first_trial=args.first_trial,
+                             checkpoint=save)
         save(results)
         print(markdown_table(results))
         print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}")
