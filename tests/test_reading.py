@@ -281,3 +281,28 @@ def test_cli_read(reader_lm, tmp_path):
         result = run("read", bad, "--memory", tmp_path / "never", "--model", base)
         assert result.exit_code == 2, result.output
         assert not (tmp_path / "never").exists()
+
+
+def _needle_part(trials, **settings):
+    base = {"window": 2048, "chunk_tokens": 512, "context_tokens": 64, "lengths": [], "trials": len(trials),
+            "fillers": ["repeat"], "first_trial": trials[0][1] if trials else 0, "config": {"read_surprise_threshold": 4.0}}
+    rows = [{"filler": "repeat", "length": n, "trial": t, "tokens": n, "question": {"correct": False},
+             "cloze": {"correct": correct}, "needle_written": True,
+             "read": {"fraction_written": 0.05, "tokens_per_second": 100.0, "seconds": 1.0}}
+            for n, t, correct in trials]
+    return {"benchmark": "needle", "model": "m", "settings": {**base, **settings}, "trials": rows, "summary": []}
+
+
+def test_needle_merge_joins_split_trials_and_refuses_mixed_settings():
+    from hf_titans.bench import needle
+
+    a = _needle_part([(8192, 0, True), (8192, 1, False)])
+    b = _needle_part([(8192, 2, True), (65536, 0, True)])
+    merged = needle.merge([a, b], ["a.json", "b.json"])
+    by_length = {r["length"]: r for r in merged["summary"]}
+    assert by_length[8192]["trials"] == 3 and abs(by_length[8192]["accuracy_cloze"] - 2 / 3) < 1e-9
+    assert by_length[65536]["trials"] == 1 and merged["settings"]["lengths"] == [8192, 65536]
+    with pytest.raises(ValueError, match="more than one file"):
+        needle.merge([a, a], ["a.json", "again.json"])
+    with pytest.raises(ValueError, match="window"):
+        needle.merge([a, _needle_part([(8192, 5, True)], window=4096)], ["a.json", "c.json"])

@@ -119,6 +119,19 @@ def cmd_merge(args) -> None:
     from .edit import diagnostics, markdown_table, plot
 
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.results]
+    if parts[0].get("benchmark") == "needle":
+        from . import needle
+
+        try:
+            merged = needle.merge(parts, args.results)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+        (out / "results.md").write_text(needle.markdown_table(merged) + "\n", encoding="utf-8")
+        print(needle.markdown_table(merged))
+        return
     keys = ("data_file", "n", "seed", "schedule", "stream", "model")
     for p, part in zip(args.results[1:], parts[1:]):
         for k in keys:
@@ -195,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with HybridTitansEngine.from_pretrained")
     e.set_defaults(func=cmd_edit)
 
-    m = sub.add_parser("merge", help="combine results.json files of one edit benchmark run in separate processes")
+    m = sub.add_parser("merge", help="combine results.json files of one edit or needle benchmark run in separate "
+                                     "processes")
     m.add_argument("results", nargs="+")
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_merge)

@@ -222,6 +222,38 @@ def summarize(trials: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
+def merge(parts: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One needle result from runs that split the lengths, fillers or trials over processes (``--first-trial``).
+
+    The runs must share every reading setting except the lengths, fillers, trials and first trial; a trial (filler,
+    length, index) may appear only once."""
+    free = ("lengths", "trials", "fillers", "first_trial")
+    settings = {k: v for k, v in parts[0]["settings"].items() if k not in free}
+    seen: set[tuple] = set()
+    trials: list[dict] = []
+    for name, part in zip(names, parts):
+        if part.get("benchmark") != "needle":
+            raise ValueError(f"{name} is not a needle result")
+        other = {k: v for k, v in part["settings"].items() if k not in free}
+        if other != settings:
+            diff = sorted(k for k in set(other) | set(settings) if other.get(k) != settings.get(k))
+            raise ValueError(f"{name}: reading settings differ from {names[0]} ({', '.join(diff)})")
+        for t in part["trials"]:
+            key = (t["filler"], t["length"], t["trial"])
+            if key in seen:
+                raise ValueError(f"{name}: trial {key} appears in more than one file")
+            seen.add(key)
+            trials.append(t)
+    settings.update(lengths=sorted({t["length"] for t in trials}), fillers=sorted({t["filler"] for t in trials}),
+                    trials=None)
+    return {"benchmark": "needle", **{k: parts[0][k] for k in parts[0] if k not in ("settings", "trials", "summary",
+                                                                                     "command", "started",
+                                                                                     "wall_seconds")},
+            "settings": settings, "trials": trials, "summary": summarize(trials),
+            "merged_from": [{"file": str(n), "command": p.get("command"), "wall_seconds": p.get("wall_seconds"),
+                             "git_commit": p.get("git_commit")} for n, p in zip(names, parts)]}
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.0f}%"
