@@ -1,0 +1,52 @@
+"""Where the needle's sentence ranks by surprise in a needle-benchmark haystack, read without writing anything.
+
+    python scripts/needle_surprise_rank.py --fillers natural,repeat --trials 2 --threads 1
+
+Each haystack is the one ``python -m hf_titans.bench needle`` builds for the same seed, filler, length and trial.
+``engine.read(..., max_steps=0)`` runs the reader's forward pass over every chunk and keeps the surprise in
+context (mean NLL, nats) of every sentence (threshold 0, no cap on spans), so this shows whether the surprise
+gate *could* pick the needle out: its rank in the document and in its own chunk (docs/reading.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+
+import torch
+
+from hf_titans import HybridTitansEngine, MemoryConfig, load_base_model
+from hf_titans.bench.needle import FILLERS, make_haystack
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fillers", default=",".join(FILLERS))
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_base_model()
+    engine = HybridTitansEngine(model, tokenizer, MemoryConfig(read_surprise_threshold=0.0, read_max_spans=100))
+    for filler in args.fillers.split(","):
+        for t in range(args.trials):
+            rng = random.Random(f"{args.seed}-{filler}-{args.length}-{t}")  # as run_needle seeds a trial
+            hay = make_haystack(tokenizer, args.length, filler, rng, args.window)
+            stats = engine.read(hay["text"], chunk_tokens=512, context_tokens=64, max_steps=0, progress=False)
+            pieces = [(s, c.index, text) for c in stats.chunks for text, s in c.surprises.items()]
+            ranked = sorted(pieces, key=lambda x: -x[0])
+            median = statistics.median(p[0] for p in pieces)
+            for piece in (p for p in pieces if hay["key"] in p[2]):
+                own = sorted((p for p in pieces if p[1] == piece[1]), key=lambda x: -x[0])
+                print(f"{filler} #{t} key {hay['key']}: {piece[2][:40]!r} surprise {piece[0]:.2f} nats, rank "
+                      f"{ranked.index(piece) + 1}/{len(ranked)} in the document, {own.index(piece) + 1}/{len(own)} "
+                      f"in its chunk (median {median:.2f}; most surprising {ranked[0][0]:.2f}: {ranked[0][2][:40]!r})")
+
+
+if __name__ == "__main__":
+    main()
