@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
     e.add_argument("--n", type=int, default=100, help="number of records (the first n, or --sample)")
     e.add_argument("--sample", action="store_true", help="a seeded random sample of n records instead of the first n")
-    e.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    e.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (lora also runs lora_to_rel; name lora_to_rel alone "
+                        "to run only that)")
     e.add_argument("--schedule", choices=SCHEDULES, default="sequential")
     e.add_argument("--stream", type=int, default=None,
                    help="sequential: facts per stream T (reset between streams); default n")
