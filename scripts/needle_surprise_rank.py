@@ -11,13 +11,12 @@ gate *could* pick the needle out: its rank in the document and in its own chunk 
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
 
 from hf_titans import HybridTitansEngine, MemoryConfig, load_base_model
-from hf_titans.bench.needle import FILLERS, make_haystack
+from hf_titans.bench.needle import FILLERS, make_haystack, trial_rng
 
 
 def main(argv=None) -> None:
@@ -35,8 +34,7 @@ def main(argv=None) -> None:
     engine = HybridTitansEngine(model, tokenizer, MemoryConfig(read_surprise_threshold=0.0, read_max_spans=100))
     for filler in args.fillers.split(","):
         for t in range(args.trials):
-            rng = random.Random(f"{args.seed}-{filler}-{args.length}-{t}")  # as run_needle seeds a trial
-            hay = make_haystack(tokenizer, args.length, filler, rng, args.window)
+            hay = make_haystack(tokenizer, args.length, filler, trial_rng(args.seed, filler, args.length, t), args.window)
             stats = engine.read(hay["text"], chunk_tokens=512, context_tokens=64, max_steps=0, progress=False)
             pieces = [(s, c.index, text) for c in stats.chunks for text, s in c.surprises.items()]
             ranked = sorted(pieces, key=lambda x: -x[0])

@@ -75,13 +75,16 @@ def _git() -> dict[str, Any]:
     return {"git_commit": commit, "git_modified": [line[3:] for line in dirty if line.strip()]}
 
 
-def _write(out: Path, results: dict, table: str, plot_fn) -> None:
+def _write(out: Path, results: dict, table: str, plot_fn=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
-    plot_fn(results, out / "results.png")
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    written[1].write_text(table + "\n", encoding="utf-8")
+    if plot_fn is not None:
+        written.append(out / "results.png")
+        plot_fn(results, written[-1])
     print(table)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    print("\nwrote " + ", ".join(map(str, written)))
 
 
 def cmd_edit(args) -> None:
@@ -126,11 +129,7 @@ def cmd_merge(args) -> None:
             merged = needle.merge(parts, args.results)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
-        (out / "results.md").write_text(needle.markdown_table(merged) + "\n", encoding="utf-8")
-        print(needle.markdown_table(merged))
+        _write(Path(args.out), merged, needle.markdown_table(merged))
         return
     keys = ("data_file", "n", "seed", "schedule", "stream", "model")
     for p, part in zip(args.results[1:], parts[1:]):

@@ -577,9 +577,9 @@ def run_edit(model: nn.Module, tokenizer, records: Sequence[EditRecord], methods
         memory_rel = ref["rel"]
         memory_steps = list(ref["extra"]["fact_steps"])
         memory_passes_total = int(ref["passes"]["fwd_bwd"])
+    cuda = next(model.parameters()).device.type == "cuda"
     for name in names:
         torch.manual_seed(s.seed)
-        cuda = next(model.parameters()).device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as rss:

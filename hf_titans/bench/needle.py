@@ -94,6 +94,11 @@ def filler_sentences(kind: str, rng: random.Random):
         i += 1
 
 
+def trial_rng(seed: int, filler: str, n_tokens: int, trial: int) -> random.Random:
+    """The generator of one trial's haystack: the same trial gets the same key, depth and filler in any process."""
+    return random.Random(f"{seed}-{filler}-{n_tokens}-{trial}")
+
+
 def make_haystack(tokenizer, n_tokens: int, filler: str, rng: random.Random, window: int,
                   in_window: bool = False) -> dict[str, Any]:
     """A document of about ``n_tokens`` tokens with the needle at a random depth before the last ``window``
@@ -160,8 +165,7 @@ def run_needle(model, tokenizer, lengths: Sequence[int], trials: int, fillers: S
     for filler in fillers:
         for n in lengths:
             for t in range(first_trial, first_trial + trials):
-                rng = random.Random(f"{seed}-{filler}-{n}-{t}")
-                hay = make_haystack(tokenizer, n, filler, rng, window)
+                hay = make_haystack(tokenizer, n, filler, trial_rng(seed, filler, n, t), window)
                 assert not hay["needle_in_last_window"]
                 engine.reset_memory()
                 stats = engine.read(hay["text"], chunk_tokens=chunk_tokens, context_tokens=context_tokens,
