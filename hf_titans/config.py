@@ -80,10 +80,19 @@ class MemoryConfig:
             without it sequential writes overwrite each other). 0 keeps none (memories saved before it existed).
 
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
-        read_surprise_threshold: a sentence of a chunk is written only when its surprise in context (mean NLL of
-            its tokens in the chunk's one forward pass, nats) is at least this; a chunk with no such sentence
-            is not written at all.
-        read_max_spans: the most sentences written per chunk (the most surprising ones).
+        read_surprise_threshold: a passage of a chunk is written only when its surprise (mean over its tokens of
+            the reader's token surprise, nats; see ``read_cache_weight``) is at least this; a chunk with no such
+            passage is not written at all.
+        read_max_spans: the most passages written per chunk (the most surprising ones).
+        read_passage_sentences: consecutive sentences per passage, the unit scored and written. Two keep a fact
+            with the sentence that makes it notable ("The pass key is 71432. Remember it.") and average out
+            one-sentence flukes of random names and numbers (docs/reading.md); 1 scores single sentences.
+        read_cache_weight: how much of a token's surprise is measured against the document read so far: the
+            surprise is ``-log((1 - w) p_model + w p_cache)``, where ``p_model`` is the frozen model's probability
+            in the chunk's context and ``p_cache`` an n-gram model of the document's earlier chunks (a cache LM,
+            Kuhn & De Mori 1990; Grave et al. 2017 mix one into a neural LM). Text the document keeps repeating
+            (templates, boilerplate) stops being surprising even when the window cannot see its earlier
+            occurrences. 0 measures surprise in context only.
         read_forget: alpha of eq. 13 during reading: the forgetting per update step, so older writes fade as
             newer ones arrive (forgetting follows what is written, not how much unsurprising text is read).
         read_rehearse: how many earlier written sentences (the most surprising so far) are rehearsed with each
@@ -120,6 +129,8 @@ class MemoryConfig:
     layer_rehearsal_states: int = 1024
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
+    read_passage_sentences: int = 2
+    read_cache_weight: float = 0.8
     read_forget: float = 1e-4
     read_rehearse: int = 6
     seed: int = 0
@@ -164,7 +175,7 @@ class MemoryConfig:
                 raise ValueError(f"{source}: variant {self.variant!r} does not take inner_optimizer "
                                  f"{self.inner_optimizer!r}; {hint}")
         positive_ints = ("n_memory_tokens", "memory_hidden", "assoc_dim", "max_steps", "min_prefix_tokens",
-                         "prefixes_per_step", "read_max_spans")
+                         "prefixes_per_step", "read_max_spans", "read_passage_sentences")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
@@ -183,7 +194,7 @@ class MemoryConfig:
                                  f"float32's largest), got {v}")
         if not (0 <= self.seed < 2 ** 63):
             raise ValueError(f"{source}: 'seed' must be in [0, 2**63), got {self.seed}")
-        for name in ("momentum", "forget", "read_forget"):
+        for name in ("momentum", "forget", "read_forget", "read_cache_weight"):
             v = getattr(self, name)
             if not (0 <= v < 1):
                 raise ValueError(f"{source}: '{name}' must be in [0, 1), got {v}")

@@ -376,7 +376,8 @@ class HybridTitansEngine:
     def read(self, document: str, chunk_tokens: int = 512, **kwargs: Any):
         """Read a document longer than the context window, chunk by chunk, and write what surprises it.
 
-        One forward pass per chunk gives each token's surprise; the chunk's most surprising sentences (at least
+        One forward pass per chunk gives each token's surprise (against the model in context and an n-gram cache
+        of the document read so far); the chunk's most surprising passages (at least
         ``config.read_surprise_threshold``) are written into the memory, the rest is only read. Returns a
         :class:`~hf_titans.reading.ReadStats`; keywords go to :func:`hf_titans.reading.read_document`
         (``context_tokens``, ``max_steps``, ``max_span_tokens``, ``progress``). See docs/reading.md.

@@ -7,20 +7,28 @@ The document is tokenised once and read in chunks of ``chunk_tokens`` tokens, ea
 ``context_tokens`` tokens of the one before (so its first tokens are not judged without context). Per chunk:
 
 1. **One forward pass** of the frozen model over ``[context + chunk]`` (with the memory's soft prompt in front
-   when the memory finds the chunk familiar, as everywhere else in the engine) gives the NLL of every chunk
-   token. Nothing else is run to decide.
-2. **What is surprising.** Tokens are grouped into sentences (``.``, ``!``, ``?`` or a line break end one); a
-   sentence's surprise is the mean NLL of its tokens *in context*. Sentences at or above
-   ``config.read_surprise_threshold`` are candidates; the ``config.read_max_spans`` most surprising are written.
-   A chunk without a candidate is not written at all. A soft prompt of ``n_memory_tokens`` vectors cannot hold
-   a 512-token chunk, so the unit written is the surprising sentence (cut to ``max_span_tokens`` around its most
+   when the memory finds the chunk familiar, as everywhere else in the engine) gives the probability of every
+   chunk token in context. Nothing else is run to decide.
+2. **What is surprising.** A token's surprise is measured against the model *and the document read so far*:
+   ``-log((1 - w) p_model + w p_cache)``, with ``w = config.read_cache_weight`` and ``p_cache`` an interpolated
+   n-gram model (Witten-Bell, up to trigrams) of the earlier chunks (a cache LM, Kuhn & De Mori 1990, mixed into a
+   neural LM as in Grave et al. 2017). The window sees one chunk; the cache remembers what kind of text the
+   document keeps saying, so its templates and boilerplate stop being surprising while a sentence unlike anything
+   before stays surprising (measured on the needle's template filler: the needle went from rank 74 of 629
+   sentences to the top outside the first chunk; docs/reading.md). The cache is hashed into fixed-size count
+   tables, so it does not grow with the document. Tokens are grouped into sentences (``.``, ``!``, ``?`` or a line
+   break end one) and sentences into **passages** of ``config.read_passage_sentences`` consecutive sentences; a
+   passage's surprise is the mean of its tokens'. Passages at or above ``config.read_surprise_threshold`` are
+   candidates; the ``config.read_max_spans`` most surprising ones that do not overlap are written. A chunk
+   without a candidate is not written at all. A soft prompt of ``n_memory_tokens`` vectors cannot hold a
+   512-token chunk, so the unit written is the surprising passage (cut to ``max_span_tokens`` around its most
    surprising token if longer), which is what a later question can ask about.
-3. **Writing** is :meth:`HybridTitansEngine._write` on those sentences: the Titans update through the frozen
-   model, after the memory's own surprise gate (a sentence the memory already holds is not written again).
+3. **Writing** is :meth:`HybridTitansEngine._write` on those passages: the Titans update through the frozen
+   model, after the memory's own surprise gate (a passage the memory already holds is not written again).
    **Rehearsal:** one write overwrites earlier ones (measured on SmolLM2-135M: after one more ``teach`` call a
    stored pass key's familiarity fell from 0.88 to 0.10, and with only its familiarity rehearsed it answered
    another number; docs/reading.md). So each write is one interleaved ``_write`` call with the
-   ``config.read_rehearse`` most surprising sentences written so far, as ``teach`` interleaves the texts of one
+   ``config.read_rehearse`` most surprising passages written so far, as ``teach`` interleaves the texts of one
    call. That set is bounded, and it is not used to answer: answers come from the memory's weights only.
    The momentum ``S`` of eq. 14 is kept from one written chunk to the next, so a surprising passage spread over
    consecutive chunks is written along one direction. A chunk that is not written has no momentary surprise
@@ -30,8 +38,9 @@ The document is tokenised once and read in chunks of ``chunk_tokens`` tokens, ea
    content is written, not as unsurprising text is read, so a long stretch of filler does not erase a needle.
 
 Memory stays flat: one chunk's tensors live at a time, no KV cache is carried between chunks, and the only
-state kept across chunks is the memory itself (fixed size), the bounded rehearsal set, and a few numbers per
-chunk in the returned :class:`ReadStats`. If anything fails (including Ctrl-C), the memory is restored to what it was before the call.
+state kept across chunks is the memory itself (fixed size), the n-gram cache (fixed-size tables, 12 MB), the
+bounded rehearsal set, and a few numbers per chunk in the returned :class:`ReadStats`. If anything fails
+(including Ctrl-C), the memory is restored to what it was before the call.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n")
 _SEARCH_CHARS = 600  # how far around a chunk sentence ends are looked for
+_CARRIES = 0.5  # a sentence of a chosen passage is written if its surprise is at least this share of the passage's
 
 
 @dataclass
@@ -59,14 +69,14 @@ class ChunkStats:
     index: int
     start_token: int
     n_tokens: int
-    surprise: float            # mean NLL of the chunk's tokens in context (nats)
-    max_sentence_surprise: float
+    surprise: float            # mean surprise of the chunk's tokens (nats; read_cache_weight mixes in the cache)
+    max_passage_surprise: float
     familiarity: float         # of the chunk's key; the memory spoke for the chunk if >= familiarity_threshold
-    candidates: int            # sentences at or above read_surprise_threshold
+    candidates: int            # passages at or above read_surprise_threshold
     spans: list[str] = field(default_factory=list)  # what was written into the memory
     steps: int = 0
     written: bool = False
-    rehearsed: int = 0         # earlier sentences rehearsed with this chunk's write
+    rehearsed: int = 0         # earlier passages rehearsed with this chunk's write
     surprises: dict[str, float] = field(default_factory=dict, repr=False)  # candidates' surprise in context
 
 
@@ -124,8 +134,8 @@ class ReadStats:
                  f"writing {self.write_seconds:.1f} s)"]
         for c in self.chunks:
             if c.written:
-                lines.append(f"  chunk {c.index:4d}  surprise {c.surprise:5.2f}  max sentence "
-                             f"{c.max_sentence_surprise:5.2f}  {c.steps:3d} steps  " +
+                lines.append(f"  chunk {c.index:4d}  surprise {c.surprise:5.2f}  max passage "
+                             f"{c.max_passage_surprise:5.2f}  {c.steps:3d} steps  " +
                              "; ".join(repr(s[:60]) for s in c.spans))
         return "\n".join(lines)
 
@@ -186,11 +196,69 @@ class _MomentumDecay:
                     s.mul_(group.get("momentum", 0.0))
 
 
+class DocumentCache:
+    """The document read so far as an interpolated n-gram model (Witten-Bell smoothing, orders 1 to ``order``):
+    the cache LM of Kuhn & De Mori (1990). Counts are hashed into three fixed tables of ``buckets`` int32 each, so
+    its size does not depend on the document's length (a collision can only make a token look less surprising).
+
+    ``probability(ids, start)`` gives ``p_cache`` of ``ids[start:]`` (each token after the ones before it) from the
+    counts so far; ``add(ids, start)`` then counts the n-grams ending at ``ids[start:]``.
+    """
+
+    _MODULUS = 2_147_483_629  # a prime below 2**31: the rolling hash stays exact in int64
+    _BASE = 1_000_003
+
+    def __init__(self, vocab_size: int, order: int = 3, buckets: int = 2 ** 20) -> None:
+        self.vocab_size, self.order, self.buckets = vocab_size, order, buckets
+        self.grams = torch.zeros(buckets, dtype=torch.int32)     # c(h, t)
+        self.contexts = torch.zeros(buckets, dtype=torch.int32)  # c(h)
+        self.types = torch.zeros(buckets, dtype=torch.int32)     # distinct t seen after h
+
+    def _hashes(self, ids: torch.Tensor, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Buckets of the context (n - 1 tokens) and of the n-gram ending at each of ``ids[start:]``, and which
+        of those positions have n - 1 tokens before them."""
+        positions = torch.arange(start, len(ids))
+        context = torch.full_like(positions, 2 * n)
+        for back in range(n - 1, 0, -1):  # oldest token first
+            context = (context * self._BASE + ids[(positions - back).clamp(min=0)] + 1) % self._MODULUS
+        gram = ((context + 1) * self._BASE + ids[positions] + 1) % self._MODULUS
+        return context % self.buckets, gram % self.buckets, positions >= n - 1
+
+    def probability(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        p = torch.full((len(ids) - start,), 1.0 / self.vocab_size, dtype=torch.float64)
+        for n in range(1, self.order + 1):
+            context, gram, valid = self._hashes(ids, start, n)
+            c_h = self.contexts[context].double()
+            types = self.types[context].double()
+            c_ht = torch.minimum(self.grams[gram].double(), c_h)
+            seen = valid & (c_h > 0)
+            p = torch.where(seen, (c_ht + types * p) / (c_h + types).clamp(min=1), p)  # Witten-Bell
+        return p
+
+    def add(self, ids: torch.Tensor, start: int) -> None:
+        for n in range(1, self.order + 1):
+            context, gram, valid = self._hashes(ids, start, n)
+            context, gram = context[valid], gram[valid]
+            unique, inverse = torch.unique(gram, return_inverse=True)
+            unique_context = torch.zeros_like(unique).scatter_(0, inverse, context)
+            new = self.grams[unique] == 0
+            self.types.index_add_(0, unique_context[new], torch.ones(int(new.sum()), dtype=torch.int32))
+            self.grams.index_add_(0, gram, torch.ones(len(gram), dtype=torch.int32))
+            self.contexts.index_add_(0, context, torch.ones(len(context), dtype=torch.int32))
+
+
+def token_surprise(nll: torch.Tensor, p_cache: torch.Tensor, cache_weight: float) -> torch.Tensor:
+    """``-log((1 - w) p_model + w p_cache)`` per token, from the model's NLL in context (``w = 0``: the NLL)."""
+    if cache_weight == 0:
+        return nll.double()
+    return -torch.log((1 - cache_weight) * torch.exp(-nll.double()) + cache_weight * p_cache)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int = 512, *,
                   context_tokens: int = 64, max_steps: int | None = None, max_span_tokens: int = 48,
                   progress: bool = True, desc: str = "reading") -> ReadStats:
-    """Read ``document`` chunk by chunk and write its surprising sentences into ``engine``'s memory.
+    """Read ``document`` chunk by chunk and write its surprising passages into ``engine``'s memory.
 
     Args:
         engine: a :class:`~hf_titans.HybridTitansEngine` (call it as ``engine.read(...)``, which takes its lock).
@@ -198,7 +266,7 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
         chunk_tokens: tokens per chunk (one forward pass each).
         context_tokens: tokens of the previous chunk in front of each chunk, seen but not scored again.
         max_steps: update steps at most per written chunk (default ``config.max_steps``).
-        max_span_tokens: a surprising sentence longer than this is cut to this many tokens around its most
+        max_span_tokens: a surprising passage longer than this is cut to this many tokens around its most
             surprising token before it is written.
         progress: show a tqdm progress bar (tokens) on stderr.
 
@@ -232,6 +300,7 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
     saved_forget = [g["forget"] for g in groups]
     decay = _MomentumDecay(engine.optimizer)
     recent: deque[tuple[int, int]] = deque(maxlen=16)  # char ranges written lately (a sentence spans two chunks)
+    cache = DocumentCache(max(len(engine.tokenizer), max(ids) + 1))
     rehearsal: list[tuple[float, int, str]] = []  # (surprise, chunk, text): the most surprising written so far
     bar = tqdm(total=len(ids), desc=desc, unit="tok", disable=not progress, dynamic_ncols=True, leave=False)
     try:
@@ -239,7 +308,7 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
             g["forget"] = cfg.read_forget
         for index, begin in enumerate(range(0, len(ids), chunk_tokens)):
             chunk = _read_chunk(engine, document, ids, offsets, prefix, index, begin, chunk_tokens, context_tokens,
-                                max_span_tokens, recent, stats)
+                                max_span_tokens, recent, cache, stats)
             if chunk.spans and steps > 0:
                 t = time.perf_counter()
                 _write_with_rehearsal(engine, chunk, rehearsal, steps)
@@ -263,7 +332,7 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
 @torch.no_grad()
 def _read_chunk(engine, document: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], prefix: list[int],
                 index: int, begin: int, chunk_tokens: int, context_tokens: int, max_span_tokens: int,
-                recent: deque, stats: ReadStats) -> ChunkStats:
+                recent: deque, cache: DocumentCache, stats: ReadStats) -> ChunkStats:
     cfg = engine.config
     end = min(begin + chunk_tokens, len(ids))
     ctx_begin = max(0, begin - context_tokens)
@@ -287,54 +356,74 @@ def _read_chunk(engine, document: str, ids: Sequence[int], offsets: Sequence[tup
     del logits, tokens, mask, soft
     stats.forward_seconds += time.perf_counter() - t
     doc0 = begin + (first - lead)  # nll[i] belongs to document token doc0 + i
-    chunk = ChunkStats(index=index, start_token=begin, n_tokens=end - begin,
-                       surprise=float(nll.mean()) if len(nll) else 0.0, max_sentence_surprise=0.0,
+    chunk = ChunkStats(index=index, start_token=begin, n_tokens=end - begin, surprise=0.0, max_passage_surprise=0.0,
                        familiarity=float(familiarity[0]), candidates=0)
     if not len(nll):
         return chunk
+    # Each token's surprise against the model in context and the document before this chunk; then this chunk's
+    # n-grams join the cache.
+    lo = max(0, doc0 - cache.order + 1)
+    window = torch.tensor(ids[lo: doc0 + len(nll)])
+    surprise = token_surprise(nll, cache.probability(window, doc0 - lo), cfg.read_cache_weight)
+    cache.add(window, doc0 - lo)
+    chunk.surprise = float(surprise.mean())
     # Sentences: cut the text around the chunk after every sentence end; a token belongs to the piece its first
-    # character is in.
+    # character is in. Passages: read_passage_sentences consecutive sentences.
     lo_char = max(0, offsets[doc0][0] - _SEARCH_CHARS)
     hi_char = min(len(document), offsets[doc0 + len(nll) - 1][1] + _SEARCH_CHARS)
     cuts = [lo_char] + [m.end() for m in _SENTENCE_END.finditer(document, lo_char, hi_char)] + [hi_char]
-    sentences: dict[int, list[int]] = {}
+    pieces: dict[int, list[int]] = {}
     for i in range(len(nll)):
         k = bisect.bisect_right(cuts, offsets[doc0 + i][0]) - 1
-        sentences.setdefault(min(k, len(cuts) - 2), []).append(i)
+        pieces.setdefault(min(k, len(cuts) - 2), []).append(i)
+    sentences = [(cuts[k], cuts[k + 1], members) for k, members in sorted(pieces.items())
+                 if document[cuts[k]:cuts[k + 1]].strip()]
+    width = min(cfg.read_passage_sentences, len(sentences))
     scored = []
-    for k, members in sentences.items():
-        a, b = cuts[k], cuts[k + 1]
-        surprise = float(nll[members].mean())
-        chunk.max_sentence_surprise = max(chunk.max_sentence_surprise, surprise)
-        if surprise >= cfg.read_surprise_threshold and document[a:b].strip():
-            scored.append((surprise, a, b, members))
+    for j in range(len(sentences) - width + 1 if sentences else 0):
+        group = sentences[j: j + width]
+        passage = float(surprise[[i for _, _, m in group for i in m]].mean())
+        chunk.max_passage_surprise = max(chunk.max_passage_surprise, passage)
+        if passage >= cfg.read_surprise_threshold:
+            scored.append((passage, group))
     chunk.candidates = len(scored)
     scored.sort(key=lambda x: -x[0])
-    # The most surprising candidates, a few more than can be written, as texts (a sentence split between two
-    # chunks was judged by the chunk before if that one wrote it).
-    texts: list[str] = []
-    for surprise, a, b, members in scored:
-        if len(texts) >= 4 * cfg.read_max_spans:
+    # The most surprising passages that do not overlap one another or one chosen lately (e.g. by the chunk before),
+    # a few more than can be written. A passage is written as its sentences, each a text of its own: the memory is
+    # read with a prompt's last sentence as key (engine._prompt_keys), so a fact must not be written behind the
+    # unrelated sentence that shared its passage; and a sentence that carries less than half the passage's
+    # surprise (a predictable neighbour of the surprising one) is not written at all.
+    chosen: list[list[str]] = []
+    for passage, group in scored:
+        if len(chosen) >= 4 * cfg.read_max_spans:
             break
+        a, b = group[0][0], group[-1][1]
         if any(a < rb and ra < b for ra, rb in recent):
             continue
-        text = _span_text(document, ids, offsets, doc0, nll, members, a, b, max_span_tokens)
-        if len(text.split()) < 2 or text in texts:
-            continue
-        texts.append(text)
-        chunk.surprises[text] = surprise
         recent.append((a, b))
-    # Surprising in context, but maybe already in the memory: ask the memory's own gate before spending a slot.
-    if texts:
-        novel = _novel(engine, texts)
-        chunk.spans = [t for t, keep in zip(texts, novel) if keep][: cfg.read_max_spans]
+        texts = []
+        for sa, sb, members in group:
+            if float(surprise[members].mean()) < _CARRIES * passage:
+                continue
+            text = _span_text(document, ids, offsets, doc0, surprise, members, sa, sb, max_span_tokens)
+            if len(text.split()) >= 2 and text not in chunk.surprises:
+                chunk.surprises[text] = passage
+                texts.append(text)
+        if texts:
+            chosen.append(texts)
+    # Surprising here, but maybe already in the memory or predictable on its own: ask the memory's own gate (as
+    # teach does) before spending a slot; the read_max_spans best passages with a novel sentence are written.
+    if chosen:
+        novel = iter(_novel(engine, [t for texts in chosen for t in texts]))
+        kept = [[t for t in texts if next(novel)] for texts in chosen]
+        chunk.spans = [t for texts in [k for k in kept if k][: cfg.read_max_spans] for t in texts]
     return chunk
 
 
 def _write_with_rehearsal(engine, chunk: ChunkStats, rehearsal: list, steps: int) -> None:
-    """Write the chunk's new sentences together with the rehearsal set (interleaved in one ``_write`` call, as
+    """Write the chunk's new passages together with the rehearsal set (interleaved in one ``_write`` call, as
     ``teach`` does for the texts of one call), then update the set: it keeps the ``read_rehearse`` most surprising
-    sentences written so far. The memory's surprise gate was already applied by :func:`_novel`; inside this
+    passages written so far. The memory's surprise gate was already applied by :func:`_novel`; inside this
     call every text is trained until it is held, which is what keeps the rehearsed ones from being overwritten."""
     cfg = engine.config
     new = list(chunk.spans)
@@ -347,7 +436,7 @@ def _write_with_rehearsal(engine, chunk: ChunkStats, rehearsal: list, steps: int
     finally:
         cfg.surprise_threshold = threshold
     written = [f.text for f in report.facts[: len(new)] if f.written]
-    del engine.taught[taught:]  # the engine's log: the new sentences once, not every rehearsal
+    del engine.taught[taught:]  # the engine's log: the new passages once, not every rehearsal
     engine.taught.extend(written)
     chunk.spans, chunk.steps, chunk.written, chunk.rehearsed = written, report.steps, bool(written), len(old)
     if cfg.read_rehearse:
@@ -367,10 +456,10 @@ def _novel(engine, texts: list[str]) -> list[bool]:
     return [float(v) >= engine.config.surprise_threshold for v in nll]
 
 
-def _span_text(document: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], doc0: int, nll: torch.Tensor,
-               members: list[int], a: int, b: int, max_span_tokens: int) -> str:
-    """The sentence ``document[a:b]``, cut to ``max_span_tokens`` tokens around its most surprising token."""
-    # Document tokens of the whole sentence (it may start in the previous chunk or end in the next).
+def _span_text(document: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], doc0: int,
+               surprise: torch.Tensor, members: list[int], a: int, b: int, max_span_tokens: int) -> str:
+    """The passage ``document[a:b]``, cut to ``max_span_tokens`` tokens around its most surprising token."""
+    # Document tokens of the whole passage (it may start in the previous chunk or end in the next).
     lo = doc0 + members[0]
     while lo > 0 and offsets[lo - 1][1] > a:
         lo -= 1
@@ -378,7 +467,7 @@ def _span_text(document: str, ids: Sequence[int], offsets: Sequence[tuple[int, i
     while hi + 1 < len(offsets) and offsets[hi + 1][0] < b:
         hi += 1
     if hi - lo + 1 > max_span_tokens:
-        peak = doc0 + members[int(nll[members].argmax())]
+        peak = doc0 + members[int(surprise[members].argmax())]
         first, last = lo, hi
         lo = max(lo, min(peak - (3 * max_span_tokens) // 4, hi - max_span_tokens + 1))
         hi = lo + max_span_tokens - 1

@@ -20,7 +20,9 @@ FILLER = "The quick brown fox jumps over the lazy dog. Once upon a time there wa
 NEEDLE = "The secret project code is Omega-99."
 QUESTION = "The secret project code is"
 CHUNK, CONTEXT = 64, 16
-CFG = MemoryConfig(max_steps=80)
+# The tiny model's 400-token vocabulary cuts words into pieces that the document's n-gram cache predicts well,
+# so surprise runs lower than on SmolLM2 (needle passage ~3.6 nats, filler <= 1.6): a lower threshold here.
+CFG = MemoryConfig(max_steps=80, read_surprise_threshold=2.5)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_needle_is_written_filler_is_not_and_recalled(reader_lm):
     assert [c.start_token for c in stats.chunks] == list(range(0, n_tokens, CHUNK))
     assert sum(c.n_tokens for c in stats.chunks) == n_tokens
     assert stats.chunks_written == 1 and stats.fraction_written == pytest.approx(1 / stats.chunks_read)
-    assert stats.spans_written == [NEEDLE]
+    assert stats.spans_written == [NEEDLE]  # its passage's other sentence is predictable filler: not written
     assert stats.steps > 0 and stats.seconds > 0 and stats.tokens_per_second > 0
     assert stats.forward_seconds + stats.write_seconds <= stats.seconds
     # the written chunk is the one holding the needle, and it is the most surprising one
@@ -86,10 +88,10 @@ def test_needle_is_written_filler_is_not_and_recalled(reader_lm):
     (written,) = [c for c in stats.chunks if c.written]
     assert written.start_token <= needle_token < written.start_token + CHUNK
     assert written.surprise == max(stats.chunk_surprise)
-    assert written.max_sentence_surprise >= engine.config.read_surprise_threshold
+    assert written.max_passage_surprise >= engine.config.read_surprise_threshold
     for c in stats.chunks:
         if c is not written:
-            assert c.max_sentence_surprise < engine.config.read_surprise_threshold and not c.spans
+            assert c.max_passage_surprise < engine.config.read_surprise_threshold and not c.spans
     # recalled, with nothing in the context
     assert engine.familiarity(QUESTION) >= engine.config.familiarity_threshold
     assert engine.generate(QUESTION, max_new_tokens=4).strip().startswith("Omega")
@@ -216,8 +218,65 @@ def test_long_surprising_sentence_is_cut_to_max_span_tokens(reader_lm):
         assert (start == 0 or doc[start - 1].isspace()) and doc[start + len(span)] in " .,"
 
 
+def test_document_cache_is_a_witten_bell_distribution_that_learns_the_document():
+    from hf_titans.reading import DocumentCache
+
+    vocab = 12
+    cache = DocumentCache(vocab, order=3, buckets=2 ** 16)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, vocab, (300,), generator=g)
+    empty = cache.probability(text, 0)
+    assert torch.allclose(empty, torch.full_like(empty, 1 / vocab))  # nothing read yet: uniform
+    cache.add(text, 0)
+    # after any history, p_cache over the whole vocabulary sums to 1 (Witten-Bell interpolation is a distribution)
+    for history in ([], [3], [3, 7], text[-2:].tolist(), [11, 11]):
+        rows = torch.tensor([history + [t] for t in range(vocab)])
+        total = sum(float(cache.probability(row, len(history))[-1]) for row in rows)
+        assert total == pytest.approx(1.0, abs=1e-9), history
+    # what it has read becomes predictable: a stretch it read is far more probable than uniform, a new one is not
+    seen = cache.probability(text[100:140], 2)
+    fresh = cache.probability(torch.randint(0, vocab, (40,), generator=g), 2)
+    assert seen.log().mean() > fresh.log().mean() + 0.5
+    size = [t.numel() for t in (cache.grams, cache.contexts, cache.types)]
+    cache.add(torch.randint(0, vocab, (20_000,), generator=g), 0)
+    assert [t.numel() for t in (cache.grams, cache.contexts, cache.types)] == size  # flat however much it reads
+
+
+def test_document_cache_makes_repeated_text_unsurprising_so_the_needle_stands_out(tiny_llama):
+    """An untrained model finds every token about equally surprising, so surprise in context alone cannot tell
+    the needle from the filler; measured against what the document has already said, the filler becomes
+    predictable and the needle's chunk is the most surprising after the first (which nothing precedes)."""
+    model, tok = tiny_llama
+    doc = _doc(10, 10)
+    needle_token = len(tok(FILLER * 10, add_special_tokens=False).input_ids)
+    maxima = {}
+    for weight in (0.0, 0.8):
+        engine = HybridTitansEngine(model, tok, CFG.replace(read_cache_weight=weight, read_surprise_threshold=1e6))
+        stats = engine.read(doc, chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False)
+        maxima[weight] = {c.start_token <= needle_token < c.start_token + CHUNK: [] for c in stats.chunks}
+        for c in stats.chunks[1:]:
+            maxima[weight][c.start_token <= needle_token < c.start_token + CHUNK].append(c.max_passage_surprise)
+    needle, filler = max(maxima[0.8][True]), max(maxima[0.8][False])
+    assert needle > filler + 1.0
+    assert max(maxima[0.0][True]) < max(maxima[0.0][False]) + 0.5  # without the cache there is no such gap
+
+
+def test_token_surprise_mixes_model_and_cache():
+    from hf_titans.reading import token_surprise
+
+    nll = torch.tensor([0.1, 2.0, 9.0])
+    p_cache = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
+    assert torch.equal(token_surprise(nll, p_cache, 0.0), nll.double())  # weight 0: surprise in context
+    mixed = token_surprise(nll, p_cache, 0.8)
+    expected = -torch.log(0.2 * torch.exp(-nll.double()) + 0.8 * p_cache)
+    assert torch.allclose(mixed, expected)
+    assert mixed[2] < 1.0 < nll[2]  # what the document keeps saying is not surprising, however the window sees it
+
+
 @pytest.mark.parametrize("field, value", [("read_surprise_threshold", -1.0), ("read_surprise_threshold", math.inf),
-                                          ("read_max_spans", 0), ("read_forget", 1.0), ("read_forget", -0.1)])
+                                          ("read_max_spans", 0), ("read_forget", 1.0), ("read_forget", -0.1),
+                                          ("read_passage_sentences", 0), ("read_cache_weight", 1.0),
+                                          ("read_cache_weight", -0.2)])
 def test_reading_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         MemoryConfig(**{field: value})
