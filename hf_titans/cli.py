@@ -616,7 +616,7 @@ def read(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Read a long document chunk by chunk into a new or existing memory; only surprising sentences are written."""
+    """Read a long document chunk by chunk into a new or existing memory; only surprising passages are written."""
     out = _state(ctx, json_output, quiet)
     t0 = time.perf_counter()
     if not file.is_file():

@@ -38,7 +38,7 @@ The document is tokenised once and read in chunks of ``chunk_tokens`` tokens, ea
    content is written, not as unsurprising text is read, so a long stretch of filler does not erase a needle.
 
 Memory stays flat: one chunk's tensors live at a time, no KV cache is carried between chunks, and the only
-state kept across chunks is the memory itself (fixed size), the n-gram cache (fixed-size tables, 12 MB), the
+state kept across chunks is the memory itself (fixed size), the n-gram cache (fixed-size tables, 12 MiB), the
 bounded rehearsal set, and a few numbers per chunk in the returned :class:`ReadStats`. If anything fails
 (including Ctrl-C), the memory is restored to what it was before the call.
 """
@@ -199,7 +199,8 @@ class _MomentumDecay:
 class DocumentCache:
     """The document read so far as an interpolated n-gram model (Witten-Bell smoothing, orders 1 to ``order``):
     the cache LM of Kuhn & De Mori (1990). Counts are hashed into three fixed tables of ``buckets`` int32 each, so
-    its size does not depend on the document's length (a collision can only make a token look less surprising).
+    its size does not depend on the document's length (a collision mixes two n-grams' counts; 100k tokens fill at
+    most 30% of 2**20 buckets).
 
     ``probability(ids, start)`` gives ``p_cache`` of ``ids[start:]`` (each token after the ones before it) from the
     counts so far; ``add(ids, start)`` then counts the n-grams ending at ``ids[start:]``.
