@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import MemoryConfig
 from .injection import (LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
-                        prefix_means, prompt_key_candidates)
+                        keep_gradients_flowing, prefix_means, prompt_key_candidates)
 from .memory import NeuralMemory, build_optimizer
 from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
@@ -122,6 +122,7 @@ class HybridTitansEngine:
         self.config = config
         model.eval()
         model.requires_grad_(False)
+        keep_gradients_flowing(model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         weight = embeddings.weight

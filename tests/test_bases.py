@@ -100,3 +100,28 @@ def test_bitsandbytes_quantized_base(tokenizer, tmp_path, mode):
              else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)
     _teach_and_recall(model, tokenizer)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_4bit_weights_repacked_for_cpu_inference_are_restored_so_writes_learn(tokenizer, tmp_path):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for an inference-only kernel (no gradient
+    reaches the soft prompt). Whatever this machine's CPU, pack them as it would, then wrap: the engine unpacks
+    them to the exact original bytes, stops further repacking, and a write learns."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers
+    original = [m.weight.data.clone() for m in layers]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+        assert m.weight.quant_state.packing_format_for_cpu
+    engine = _teach_and_recall(model, tokenizer)  # wraps the model first, then writes and recalls
+    for m, data in zip(layers, original):
+        assert not m.support_avx512bf16_for_cpu and not m.weight.quant_state.packing_format_for_cpu
+        assert torch.equal(m.weight.data, data)
+    assert engine.updates > 0
