@@ -14,21 +14,21 @@ The document is tokenised once and read in chunks of ``chunk_tokens`` tokens, ea
    n-gram model (Witten-Bell, up to trigrams) of the earlier chunks (a cache LM, Kuhn & De Mori 1990, mixed into a
    neural LM as in Grave et al. 2017). The window sees one chunk; the cache remembers what kind of text the
    document keeps saying, so its templates and boilerplate stop being surprising while a sentence unlike anything
-   before stays surprising (measured on the needle's template filler: the needle went from rank 74 of 629
-   sentences to the top outside the first chunk; docs/reading.md). The cache is hashed into fixed-size count
+   before stays surprising (measured on the needle's template filler: the needle went from rank 75 of 641
+   sentences to the first after the first chunk; docs/reading.md). The cache is hashed into fixed-size count
    tables, so it does not grow with the document. Tokens are grouped into sentences (``.``, ``!``, ``?`` or a line
    break end one) and sentences into **passages** of ``config.read_passage_sentences`` consecutive sentences; a
    passage's surprise is the mean of its tokens'. Passages at or above ``config.read_surprise_threshold`` are
-   candidates; the ``config.read_max_spans`` most surprising ones that do not overlap are written. A chunk
-   without a candidate is not written at all. A soft prompt of ``n_memory_tokens`` vectors cannot hold a
-   512-token chunk, so the unit written is the surprising passage (cut to ``max_span_tokens`` around its most
-   surprising token if longer), which is what a later question can ask about.
-3. **Writing** is :meth:`HybridTitansEngine._write` on those passages: the Titans update through the frozen
-   model, after the memory's own surprise gate (a passage the memory already holds is not written again).
+   candidates; the ``config.read_max_spans`` most surprising ones that do not overlap are written, each as its
+   sentences that carry at least half its surprise. A chunk without a candidate is not written at all. A soft
+   prompt of ``n_memory_tokens`` vectors cannot hold a 512-token chunk, so the unit written is a sentence (cut to
+   ``max_span_tokens`` around its most surprising token if longer), which is what a later question can ask about.
+3. **Writing** is :meth:`HybridTitansEngine._write` on those sentences: the Titans update through the frozen
+   model, after the memory's own surprise gate (a sentence the memory already holds is not written again).
    **Rehearsal:** one write overwrites earlier ones (measured on SmolLM2-135M: after one more ``teach`` call a
    stored pass key's familiarity fell from 0.88 to 0.10, and with only its familiarity rehearsed it answered
    another number; docs/reading.md). So each write is one interleaved ``_write`` call with the
-   ``config.read_rehearse`` most surprising passages written so far, as ``teach`` interleaves the texts of one
+   ``config.read_rehearse`` most surprising sentences written so far, as ``teach`` interleaves the texts of one
    call. That set is bounded, and it is not used to answer: answers come from the memory's weights only.
    The momentum ``S`` of eq. 14 is kept from one written chunk to the next, so a surprising passage spread over
    consecutive chunks is written along one direction. A chunk that is not written has no momentary surprise
@@ -76,8 +76,8 @@ class ChunkStats:
     spans: list[str] = field(default_factory=list)  # what was written into the memory
     steps: int = 0
     written: bool = False
-    rehearsed: int = 0         # earlier passages rehearsed with this chunk's write
-    surprises: dict[str, float] = field(default_factory=dict, repr=False)  # candidates' surprise in context
+    rehearsed: int = 0         # earlier sentences rehearsed with this chunk's write
+    surprises: dict[str, float] = field(default_factory=dict, repr=False)  # candidate sentence -> its passage's surprise
 
 
 @dataclass
@@ -267,7 +267,7 @@ def read_document(engine: "HybridTitansEngine", document: str, chunk_tokens: int
         chunk_tokens: tokens per chunk (one forward pass each).
         context_tokens: tokens of the previous chunk in front of each chunk, seen but not scored again.
         max_steps: update steps at most per written chunk (default ``config.max_steps``).
-        max_span_tokens: a surprising passage longer than this is cut to this many tokens around its most
+        max_span_tokens: a surprising sentence longer than this is cut to this many tokens around its most
             surprising token before it is written.
         progress: show a tqdm progress bar (tokens) on stderr.
 
@@ -422,9 +422,9 @@ def _read_chunk(engine, document: str, ids: Sequence[int], offsets: Sequence[tup
 
 
 def _write_with_rehearsal(engine, chunk: ChunkStats, rehearsal: list, steps: int) -> None:
-    """Write the chunk's new passages together with the rehearsal set (interleaved in one ``_write`` call, as
+    """Write the chunk's new sentences together with the rehearsal set (interleaved in one ``_write`` call, as
     ``teach`` does for the texts of one call), then update the set: it keeps the ``read_rehearse`` most surprising
-    passages written so far. The memory's surprise gate was already applied by :func:`_novel`; inside this
+    sentences written so far. The memory's surprise gate was already applied by :func:`_novel`; inside this
     call every text is trained until it is held, which is what keeps the rehearsed ones from being overwritten."""
     cfg = engine.config
     new = list(chunk.spans)
@@ -437,7 +437,7 @@ def _write_with_rehearsal(engine, chunk: ChunkStats, rehearsal: list, steps: int
     finally:
         cfg.surprise_threshold = threshold
     written = [f.text for f in report.facts[: len(new)] if f.written]
-    del engine.taught[taught:]  # the engine's log: the new passages once, not every rehearsal
+    del engine.taught[taught:]  # the engine's log: the new sentences once, not every rehearsal
     engine.taught.extend(written)
     chunk.spans, chunk.steps, chunk.written, chunk.rehearsed = written, report.steps, bool(written), len(old)
     if cfg.read_rehearse:
@@ -459,8 +459,8 @@ def _novel(engine, texts: list[str]) -> list[bool]:
 
 def _span_text(document: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], doc0: int,
                surprise: torch.Tensor, members: list[int], a: int, b: int, max_span_tokens: int) -> str:
-    """The passage ``document[a:b]``, cut to ``max_span_tokens`` tokens around its most surprising token."""
-    # Document tokens of the whole passage (it may start in the previous chunk or end in the next).
+    """The sentence ``document[a:b]``, cut to ``max_span_tokens`` tokens around its most surprising token."""
+    # Document tokens of the whole sentence (it may start in the previous chunk or end in the next).
     lo = doc0 + members[0]
     while lo > 0 and offsets[lo - 1][1] > a:
         lo -= 1
