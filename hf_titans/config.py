@@ -84,7 +84,8 @@ class MemoryConfig:
             the reader's token surprise, nats; see ``read_cache_weight``) is at least this; a chunk with no such
             passage is not written at all.
         read_max_spans: the most passages written per chunk (the most surprising ones).
-        read_passage_sentences: consecutive sentences per passage, the unit scored and written. Two keep a fact
+        read_passage_sentences: consecutive sentences per passage, the unit scored (a chosen passage is written
+            as its sentences). Two keep a fact
             with the sentence that makes it notable ("The pass key is 71432. Remember it.") and average out
             one-sentence flukes of random names and numbers (docs/reading.md); 1 scores single sentences.
         read_cache_weight: how much of a token's surprise is measured against the document read so far: the
