@@ -79,6 +79,15 @@ class MemoryConfig:
             texts are written, with ``rehearsal_weight`` (the layer memory's counterpart of the per-key anchors;
             without it sequential writes overwrite each other). 0 keeps none (memories saved before it existed).
 
+    Answering:
+        recite_tokens: ``mac`` only. When the memory recognises a prompt's last sentence and other words come
+            before it ("What is the pass key? The pass key is"), it first *recites*: its soft prompt in front of
+            that sentence alone, as the sentence was written, continued greedily to the end of the sentence (at
+            most this many new tokens). The recitation goes into the prompt as text, right before the sentence,
+            and the model answers from it in context (recitation-augmented LMs, Sun et al., ICLR 2023). A soft
+            prompt placed after other words is derailed by them (docs/reading.md); read at the start of a text it
+            is not. 0 turns recitation off: the soft prompt then goes right before the sentence.
+
     Reading long documents (:meth:`~hf_titans.HybridTitansEngine.read`, see docs/reading.md):
         read_surprise_threshold: a passage of a chunk is written only when its surprise (mean over its tokens of
             the reader's token surprise, nats; see ``read_cache_weight``) is at least this; a chunk with no such
@@ -128,6 +137,7 @@ class MemoryConfig:
     rehearsal_weight: float = 30.0
     rehearsal_neighbours: int = 0
     layer_rehearsal_states: int = 1024
+    recite_tokens: int = 32
     read_surprise_threshold: float = 4.0
     read_max_spans: int = 2
     read_passage_sentences: int = 2
@@ -182,7 +192,7 @@ class MemoryConfig:
                 raise ValueError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
         if self.memory_depth < 2:
             raise ValueError(f"{source}: 'memory_depth' must be >= 2 (a deep memory), got {self.memory_depth}")
-        for name in ("key_layer", "learn_steps", "read_rehearse", "rehearsal_keys", "memory_layer",
+        for name in ("key_layer", "learn_steps", "read_rehearse", "recite_tokens", "rehearsal_keys", "memory_layer",
                      "n_persistent_tokens", "rehearsal_neighbours", "layer_rehearsal_states"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{source}: '{name}' must be >= 0, got {getattr(self, name)}")

@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MemoryConfig
-from .injection import (LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
-                        keep_gradients_flowing, prefix_means, prompt_key_candidates)
+from .injection import (SENTENCE_END, LayerMemoryHook, decoder_layers, hidden_at_layer, input_embeddings, join_prefix,
+                        keep_gradients_flowing, last_sentences, prefix_means, prompt_key_candidates)
 from .memory import NeuralMemory, build_optimizer
 from .reliability import check_config_fits, check_count, check_flag, check_generate_kwargs, check_unicode, finite_step
 
@@ -136,6 +136,7 @@ class HybridTitansEngine:
         # Set by each generate() call: per prompt, its surprise (learn=True only, else None) and familiarity.
         self.last_surprise: list[float] | None = None
         self.last_familiarity: list[float] | None = None
+        self.last_recitations: list[str | None] | None = None  # per prompt: what the memory recited (None: nothing)
         self._hooked = False  # a LayerMemoryHook is active (mag / mal): do not stack a second one
         if config.mode != "mac":
             n_layers = len(decoder_layers(model))
@@ -599,9 +600,11 @@ class HybridTitansEngine:
         """What the frozen model sees for ``prompt``: the memory is read once per prompt (eq. 15).
 
         Returns ``input_ids`` and ``attention_mask`` (left-padded), ``speaks`` (per prompt: does the memory speak),
-        ``familiarity``, and, when anything goes in front of a prompt (mac: the soft prompts of the prompts the
-        memory speaks for; persistent tokens: every prompt), ``inputs_embeds`` with those vectors in front (other
-        rows get left pads instead) and the matching ``embeds_attention_mask``. In ``mag`` / ``mal`` mode the
+        ``familiarity``, ``recitations`` (per prompt: the sentence the memory recited into it, or None), and, when
+        anything goes in front of a prompt (mac: the soft prompts of the prompts the memory speaks for and did not
+        recite for; persistent tokens: every prompt), ``inputs_embeds`` with those vectors in front (other rows get
+        left pads instead) and the matching ``embeds_attention_mask``. A prompt the memory recited for carries the
+        recitation as text in ``input_ids`` (``MemoryConfig.recite_tokens``). In ``mag`` / ``mal`` mode the
         memory also acts inside decoder layer ``memory_layer`` for the rows that speak, which these tensors do not
         carry: :meth:`generate` installs it. ``use_memory=False`` is the bare model (no persistent tokens either).
         """
@@ -613,14 +616,77 @@ class HybridTitansEngine:
             speaks = familiarity >= self.config.familiarity_threshold
             if not use_memory:
                 speaks = torch.zeros_like(speaks)
+            recitations: list[str | None] = [None] * len(texts)
+            behind = speaks & (insert_at.to(speaks.device) > mask.argmax(1).to(speaks.device))
+            if self.config.mode == "mac" and self.config.recite_tokens and bool(behind.any()):
+                ids, mask, insert_at, recitations = self._with_recitations(ids, mask, keys, insert_at,
+                                                                           behind.nonzero().flatten().tolist())
+            # Where the memory recited, the recitation speaks for it as text: no soft prompt goes in as well.
+            soft_rows = speaks & torch.tensor([r is None for r in recitations], device=speaks.device)
             inputs = {"input_ids": ids, "attention_mask": mask, "speaks": speaks, "familiarity": familiarity,
-                      "soft_prompts": soft, "insert_at": insert_at, "use_memory": use_memory}
-            if (bool(speaks.any()) and soft.shape[1] > 0) or (use_memory and self.config.n_persistent_tokens):
-                embeds, full_mask, positions = self._joined(ids, mask, soft, speaks, use_memory, insert_at)
+                      "soft_prompts": soft, "insert_at": insert_at, "use_memory": use_memory,
+                      "recitations": recitations}
+            if (bool(soft_rows.any()) and soft.shape[1] > 0) or (use_memory and self.config.n_persistent_tokens):
+                embeds, full_mask, positions = self._joined(ids, mask, soft, soft_rows, use_memory, insert_at)
                 inputs["inputs_embeds"] = embeds
                 inputs["embeds_attention_mask"] = full_mask
                 inputs["token_positions"] = positions
         return inputs
+
+    def _recite(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor, insert_at: torch.Tensor,
+                rows: list[int]) -> list[str]:
+        """Recitation (Sun et al., "Recitation-augmented language models", ICLR 2023): for each of ``rows``, the
+        memory's soft prompt in front of the prompt's last sentence alone (its tokens from ``insert_at``, as the
+        sentence was written), continued greedily for at most ``recite_tokens`` tokens and cut where the
+        sentence ends. Returns the recited sentences ("" where the memory added nothing)."""
+        sentences, sentence_mask = last_sentences(self.tokenizer, ids[rows], mask[rows], insert_at[rows].tolist())
+        sentences, sentence_mask = sentences.to(self.device), sentence_mask.to(self.device)
+        soft, _ = self.memory.read(keys[rows])
+        every = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        embeds, full_mask, _ = self._joined(sentences, sentence_mask, soft, every)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=full_mask, do_sample=False, num_beams=1,
+                                  max_new_tokens=self.config.recite_tokens, stop_strings=[". ", "! ", "? ", "\n"],
+                                  tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
+        recited = []
+        for sentence, sentence_real, new in zip(sentences, sentence_mask, out):
+            said = self.tokenizer.decode(new, skip_special_tokens=True)
+            end = SENTENCE_END.search(said + " ")
+            said = (said[:end.end()] if end else said).rstrip()
+            text = self.tokenizer.decode(sentence[sentence_real.bool()], skip_special_tokens=True)
+            recited.append(text + said if said.strip() else "")
+        return recited
+
+    def _with_recitations(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor, insert_at: torch.Tensor,
+                          rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
+        """``ids`` (left-padded) with each of ``rows``' recitation put in as text right before the sentence it
+        recites, and ``insert_at`` moved to match. A row whose recitation is empty, or would not fit the window,
+        gets none (its soft prompt goes before the sentence instead)."""
+        recited = dict(zip(rows, self._recite(ids, mask, keys, insert_at, rows)))
+        sequences, ats, recitations = [], [], []
+        for b in range(ids.shape[0]):
+            first = int(mask[b].argmax())
+            real, at = ids[b, first:], int(insert_at[b]) - first
+            text = recited.get(b, "")
+            if text:
+                before = "" if self.tokenizer.decode(real[at - 1:at])[-1:].isspace() else " "
+                after = "" if self.tokenizer.decode(real[at:at + 1])[:1].isspace() else "\n"
+                words = self.tokenizer(before + text + after, add_special_tokens=False,
+                                       return_tensors="pt")["input_ids"][0].to(ids.device)
+                if len(real) + len(words) <= self._max_tokens():
+                    real, at = torch.cat([real[:at], words, real[at:]]), at + len(words)
+                else:
+                    text = ""
+            sequences.append(real)
+            ats.append(at)
+            recitations.append(text or None)
+        width = max(len(r) for r in sequences)
+        new_ids = ids.new_full((len(sequences), width), self.tokenizer.pad_token_id)
+        new_mask = mask.new_zeros(len(sequences), width)
+        for b, real in enumerate(sequences):
+            new_ids[b, width - len(real):] = real
+            new_mask[b, width - len(real):] = 1
+        new_at = torch.tensor([width - len(r) + a for r, a in zip(sequences, ats)], device=insert_at.device)
+        return new_ids, new_mask, new_at, recitations
 
     @torch.no_grad()
     def prompt_embeds(self, prompt: str, use_memory: bool = True) -> torch.Tensor:
@@ -673,6 +739,7 @@ class HybridTitansEngine:
                     out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
             completions = self.tokenizer.batch_decode(out, skip_special_tokens=True)
             self.last_familiarity = [float(f) for f in inputs["familiarity"]]
+            self.last_recitations = inputs["recitations"]
             self.last_surprise = surprises
             if learn:
                 # Write what is new: surprising, and not already something the memory speaks for (a question

@@ -8,6 +8,8 @@ get no vectors at all (their rows are left-padded instead), so they reach the mo
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -198,6 +200,11 @@ class LayerMemoryHook:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+#: Where a sentence of running text ends: ``.``, ``!`` or ``?`` (closing quotes or brackets after it) before white
+#: space, or a line break. The reader cuts documents into sentences with it; the engine ends a recitation with it.
+SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n")
 
 
 def _ends_sentence(text: str) -> bool:

@@ -46,7 +46,6 @@ bounded rehearsal set, and a few numbers per chunk in the returned :class:`ReadS
 from __future__ import annotations
 
 import bisect
-import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -54,10 +53,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .injection import SENTENCE_END
+
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import HybridTitansEngine
 
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n")
 _SEARCH_CHARS = 600  # how far around a chunk sentence ends are looked for
 _CARRIES = 0.5  # a sentence of a chosen passage is written if its surprise is at least this share of the passage's
 
@@ -372,7 +372,7 @@ def _read_chunk(engine, document: str, ids: Sequence[int], offsets: Sequence[tup
     # character is in. Passages: read_passage_sentences consecutive sentences.
     lo_char = max(0, offsets[doc0][0] - _SEARCH_CHARS)
     hi_char = min(len(document), offsets[doc0 + len(nll) - 1][1] + _SEARCH_CHARS)
-    cuts = [lo_char] + [m.end() for m in _SENTENCE_END.finditer(document, lo_char, hi_char)] + [hi_char]
+    cuts = [lo_char] + [m.end() for m in SENTENCE_END.finditer(document, lo_char, hi_char)] + [hi_char]
     pieces: dict[int, list[int]] = {}
     for i in range(len(nll)):
         k = bisect.bisect_right(cuts, offsets[doc0 + i][0]) - 1

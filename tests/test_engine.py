@@ -393,9 +393,10 @@ def test_join_prefix_puts_vectors_before_the_chosen_token():
 
 def test_soft_prompt_goes_before_the_recognised_sentence(tiny_llama):
     """Read by its last sentence, a prompt gets the soft prompt right before that sentence (where it stood when the
-    sentence was written); surprise, learn-while-generating and a hand-built pass agree on every token's NLL."""
+    sentence was written) when recitation is off; surprise, learn-while-generating and a hand-built pass agree on
+    every token's NLL."""
     model, tok = tiny_llama
-    engine = HybridTitansEngine(model, tok, TINY)
+    engine = HybridTitansEngine(model, tok, TINY.replace(recite_tokens=0))
     engine.teach([FACT])
     prompt = "Once upon a time there was a king.\n" + PROMPT
     inputs = engine.prepare_inputs([prompt, PROMPT])
@@ -424,6 +425,57 @@ def test_soft_prompt_goes_before_the_recognised_sentence(tiny_llama):
     assert engine.surprise(prompt) == pytest.approx(float(nll), abs=1e-4)
     engine.generate(prompt, learn=True, max_new_tokens=2)  # familiar: read, not written
     assert engine.last_surprise[0] == pytest.approx(float(nll), abs=1e-4)
+
+
+def test_recitation_goes_before_the_recognised_sentence_as_text(tiny_llama):
+    """Words before a recognised sentence: the memory first recites the sentence (its soft prompt in front of the
+    sentence alone, greedy), and the recitation goes into the prompt as text, with no soft prompt. Prompts read
+    whole and prompts the memory is silent for are untouched."""
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    alone = engine.generate(PROMPT, max_new_tokens=engine.config.recite_tokens)  # the memory on the sentence alone
+    lead = "Once upon a time there was a king.\n"
+    inputs = engine.prepare_inputs([lead + PROMPT, PROMPT, UNRELATED[0]])
+    recited, _, _ = inputs["recitations"]
+    assert inputs["recitations"][1:] == [None, None]
+    assert recited.startswith(FACT)  # the memory recalls the taught text
+    assert recited == (PROMPT + alone).rstrip()  # no sentence end in the tiny model's output: all its tokens
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert tok.decode(ids[0][mask[0].bool()]) == lead + recited + "\n" + PROMPT
+    assert inputs["speaks"].tolist() == [True, True, False]
+    # Row 0 reaches the model as plain tokens (the recitation speaks for the memory), row 1 with its soft prompt.
+    n, embed = engine.config.n_memory_tokens, model.get_input_embeddings()
+    embeds, full = inputs["inputs_embeds"], inputs["embeds_attention_mask"]
+    assert torch.equal(embeds[0][full[0].bool()], embed(ids[0][mask[0].bool()]))
+    assert torch.equal(embeds[1, -len(ids[1][mask[1].bool()]) - n:][:n], inputs["soft_prompts"][1])
+    bare = engine.generate(UNRELATED[0], max_new_tokens=6, use_memory=False)
+    assert engine.generate([lead + PROMPT, UNRELATED[0]], max_new_tokens=6)[1] == bare
+    assert engine.last_recitations == [recited, None]
+
+    silent = HybridTitansEngine(model, tok, TINY.replace(recite_tokens=0))
+    silent.memory.load_state_dict(engine.memory.state_dict())
+    assert silent.prepare_inputs(lead + PROMPT)["recitations"] == [None]
+
+
+def test_a_recitation_ends_with_its_sentence(tiny_llama, monkeypatch):
+    """A recitation is cut where the sentence ends; one that adds nothing is dropped (the soft prompt is used)."""
+    model, tok = tiny_llama
+    engine = HybridTitansEngine(model, tok, TINY)
+    engine.teach([FACT])
+    said = {"text": " delta epsilon. zeta eta"}
+
+    def fake_generate(**kwargs):  # what the model "says" after the soft prompt and the sentence
+        words = tok(said["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return words.repeat(kwargs["inputs_embeds"].shape[0], 1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    prompt = "Once upon a time there was a king.\n" + PROMPT
+    assert engine.prepare_inputs(prompt)["recitations"] == [PROMPT + " delta epsilon."]
+    said["text"] = "\nOnce upon"
+    inputs = engine.prepare_inputs(prompt)
+    assert inputs["recitations"] == [None]
+    assert tok.decode(inputs["input_ids"][0]) == prompt and "inputs_embeds" in inputs
 
 
 def test_last_sentence_is_keyed_as_the_same_text_on_its_own(tiny_lm):

@@ -83,6 +83,7 @@ def test_config_names_match_the_registry():
     ({"memory_layer": -1}, ValueError, "'memory_layer' must be >= 0"),
     ({"n_persistent_tokens": -2}, ValueError, "'n_persistent_tokens' must be >= 0"),
     ({"rehearsal_neighbours": -1}, ValueError, "'rehearsal_neighbours' must be >= 0"),
+    ({"recite_tokens": -1}, ValueError, "'recite_tokens' must be >= 0"),
 ])
 def test_bad_variant_mode_and_inner_optimizer_are_refused(changes, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(")):

@@ -44,8 +44,9 @@ def encode_target(tokenizer, target: str) -> list[int]:
 
 def memory_soft_prompts(engine, prompts: Sequence[str], batch_size: int = 1) -> tuple[list[Soft], list[float]]:
     """Per prompt: the soft prompt the memory puts into it at generation time, with the prompt token it stands in
-    front of (``None`` when it is silent), and its familiarity. Uses :meth:`HybridTitansEngine.prepare_inputs`, so gate and key are computed
-    from the prompt alone.
+    front of (``None`` when it is silent), and its familiarity. Uses :meth:`HybridTitansEngine.prepare_inputs`, so
+    gate and key are computed from the prompt alone. Where the memory recites (``MemoryConfig.recite_tokens``) the
+    vectors are the token embeddings of the recitation, before the sentence it recites, as ``generate`` sees them.
 
     ``batch_size=1`` (the default) gives what ``engine.generate(prompt)`` sees for each prompt on its own. With
     larger batches it gives what a batched ``generate`` sees; for models that take absolute positions from
@@ -53,13 +54,19 @@ def memory_soft_prompts(engine, prompts: Sequence[str], batch_size: int = 1) -> 
     """
     softs: list[Soft] = []
     familiarity: list[float] = []
+    embed = input_embeddings(engine.model)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         inputs = engine.prepare_inputs(chunk)
-        for i in range(len(chunk)):
-            if bool(inputs["speaks"][i]):
-                first = int(inputs["attention_mask"][i].argmax())  # the engine left-pads
-                softs.append(SoftPrompt(inputs["soft_prompts"][i].detach(), int(inputs["insert_at"][i]) - first))
+        for i, prompt in enumerate(chunk):
+            first = int(inputs["attention_mask"][i].argmax())  # the engine left-pads
+            at = int(inputs["insert_at"][i]) - first
+            if inputs["recitations"][i] is not None:
+                recited = len(inputs["input_ids"][i]) - first - len(encode_prompt(engine.tokenizer, prompt))
+                words = inputs["input_ids"][i, first + at - recited:first + at]
+                softs.append(SoftPrompt(embed(words).detach(), at - recited))
+            elif bool(inputs["speaks"][i]):
+                softs.append(SoftPrompt(inputs["soft_prompts"][i].detach(), at))
             else:
                 softs.append(None)
             familiarity.append(float(inputs["familiarity"][i]))

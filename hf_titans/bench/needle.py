@@ -11,7 +11,8 @@ only its window cannot see it. Then:
   chunk plus ``context_tokens`` of the one before, at most ``window`` tokens), then, with nothing in the context,
   ``engine.generate(question)``. Scored for the issue's question ``"What is the pass key? The pass key is"`` and
   for the cloze ``"The pass key is"`` (the start of the needle itself; the engine's key is the wording of the
-  prompt, see the README's limits).
+  prompt, see the README's limits). The memory answers the question by reciting the sentence it recognises in
+  it ("The pass key is", ``MemoryConfig.recite_tokens``); each trial records the recitation.
 * **baseline**: the bare model on the last ``window`` tokens of the document followed by the question.
 * **control** (``--control``): the bare model with the needle inside its window (same filler), which says
   whether the model can do the task at all when it sees the needle.
@@ -176,6 +177,7 @@ def run_needle(model, tokenizer, lengths: Sequence[int], trials: int, fillers: S
                     answer = engine.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
                     answers[name] = {"answer": answer, "correct": hay["key"] in answer,
                                      "familiarity": engine.last_familiarity[0],
+                                     "recitation": engine.last_recitations[0],
                                      "seconds": time.perf_counter() - t0}
                 trial = {"filler": filler, "length": n, "trial": t, "key": hay["key"], "tokens": hay["tokens"],
                          "needle_token": hay["needle_token"], "depth": hay["depth"], **answers,
