@@ -691,8 +691,9 @@ class HybridTitansEngine:
     @torch.no_grad()
     def prompt_embeds(self, prompt: str, use_memory: bool = True) -> torch.Tensor:
         """The ``(sequence, hidden)`` prompt embeddings the frozen model gets for ``prompt`` (e.g. for vLLM's
-        ``{"prompt_embeds": ...}``): the token embeddings with the soft prompt in front of the prompt (or of the
-        last sentence the memory recognised) when the memory speaks, else the plain token embeddings."""
+        ``{"prompt_embeds": ...}``): the token embeddings with the soft prompt in front of the prompt when the memory
+        speaks, with the memory's recitation before the last sentence it recognised behind other words
+        (``MemoryConfig.recite_tokens``), else the plain token embeddings."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         if self.config.mode != "mac" and use_memory:
@@ -708,7 +709,9 @@ class HybridTitansEngine:
         """Complete ``prompt`` (a string or a batch) with transformers' own ``generate()``.
 
         The memory is read once per prompt; where it finds the prompt familiar its soft prompt goes in front
-        of the prompt through ``inputs_embeds``, otherwise the prompt reaches the bare model untouched. Any
+        of the prompt through ``inputs_embeds`` (or, where it recognised the last sentence behind other words, its
+        recitation of that sentence goes before it as text: ``last_recitations``), otherwise the prompt reaches the
+        bare model untouched. Any
         ``generate`` keyword works (``max_new_tokens``, ``do_sample``, ``num_beams``, ``generation_config``,
         ``streamer``, ``stopping_criteria``, ...). With ``learn=True`` the prompt's surprise is read from the
         prefill, and a prompt that is surprising and not already familiar is written into the memory after
