@@ -11,8 +11,9 @@ The document is tokenised once and read in chunks of ``chunk_tokens`` tokens, ea
    chunk token in context. Nothing else is run to decide.
 2. **What is surprising.** A token's surprise is measured against the model *and the document read so far*:
    ``-log((1 - w) p_model + w p_cache)``, with ``w = config.read_cache_weight`` and ``p_cache`` an interpolated
-   n-gram model (Witten-Bell, up to trigrams) of the earlier chunks (a cache LM, Kuhn & De Mori 1990, mixed into a
-   neural LM as in Grave et al. 2017). The window sees one chunk; the cache remembers what kind of text the
+   n-gram model (Witten-Bell, up to trigrams) of the earlier chunks that backs off to ``p_model`` itself (a cache
+   LM, Kuhn & De Mori 1990, mixed into a neural LM as in Grave et al. 2017; with nothing read yet, the surprise is
+   the model's NLL). The window sees one chunk; the cache remembers what kind of text the
    document keeps saying, so its templates and boilerplate stop being surprising while a sentence unlike anything
    before stays surprising (measured on the needle's template filler: the needle went from rank 75 of 641
    sentences to the first after the first chunk; docs/reading.md). The cache is hashed into fixed-size count
@@ -202,8 +203,11 @@ class DocumentCache:
     its size does not depend on the document's length (a collision mixes two n-grams' counts; 100k tokens fill at
     most 30% of 2**20 buckets).
 
-    ``probability(ids, start)`` gives ``p_cache`` of ``ids[start:]`` (each token after the ones before it) from the
-    counts so far; ``add(ids, start)`` then counts the n-grams ending at ``ids[start:]``.
+    ``probability(ids, start, base)`` gives ``p_cache`` of ``ids[start:]`` (each token after the ones before it) from
+    the counts so far; ``add(ids, start)`` then counts the n-grams ending at ``ids[start:]``. Below the unigram the
+    cache backs off to ``base``: the frozen model's probability of each of those tokens in context (uniform over the
+    vocabulary when not given). So a cache that has read nothing claims nothing: ``p_cache = p_model`` and the
+    reader's surprise is the model's NLL, instead of every token of the first chunk looking new to an empty cache.
     """
 
     _MODULUS = 2_147_483_629  # a prime below 2**31: the rolling hash stays exact in int64
@@ -225,8 +229,14 @@ class DocumentCache:
         gram = ((context + 1) * self._BASE + ids[positions] + 1) % self._MODULUS
         return context % self.buckets, gram % self.buckets, positions >= n - 1
 
-    def probability(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        p = torch.full((len(ids) - start,), 1.0 / self.vocab_size, dtype=torch.float64)
+    def probability(self, ids: torch.Tensor, start: int, base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            p = torch.full((len(ids) - start,), 1.0 / self.vocab_size, dtype=torch.float64)
+        else:
+            if base.shape != (len(ids) - start,):
+                raise ValueError(f"base must give one probability per token of ids[start:] ({len(ids) - start}), "
+                                 f"got shape {tuple(base.shape)}")
+            p = base.double()
         for n in range(1, self.order + 1):
             context, gram, valid = self._hashes(ids, start, n)
             c_h = self.contexts[context].double()
@@ -365,7 +375,8 @@ def _read_chunk(engine, document: str, ids: Sequence[int], offsets: Sequence[tup
     # n-grams join the cache.
     lo = max(0, doc0 - cache.order + 1)
     window = torch.tensor(ids[lo: doc0 + len(nll)])
-    surprise = token_surprise(nll, cache.probability(window, doc0 - lo), cfg.read_cache_weight)
+    surprise = token_surprise(nll, cache.probability(window, doc0 - lo, base=torch.exp(-nll.double())),
+                              cfg.read_cache_weight)
     cache.add(window, doc0 - lo)
     chunk.surprise = float(surprise.mean())
     # Sentences: cut the text around the chunk after every sentence end; a token belongs to the piece its first

@@ -227,11 +227,20 @@ def test_document_cache_is_a_witten_bell_distribution_that_learns_the_document()
     text = torch.randint(0, vocab, (300,), generator=g)
     empty = cache.probability(text, 0)
     assert torch.allclose(empty, torch.full_like(empty, 1 / vocab))  # nothing read yet: uniform
+    model_p = torch.softmax(torch.randn(len(text), generator=g), 0).double()
+    assert torch.equal(cache.probability(text, 0, base=model_p), model_p)  # ... or the model it backs off to
+    with pytest.raises(ValueError, match="one probability per token"):
+        cache.probability(text, 5, base=model_p)
     cache.add(text, 0)
-    # after any history, p_cache over the whole vocabulary sums to 1 (Witten-Bell interpolation is a distribution)
+    # after any history, p_cache over the whole vocabulary sums to 1 (Witten-Bell interpolation is a distribution),
+    # whether it backs off to the uniform distribution or to a model's distribution over the next token
+    next_token = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64), 0)
     for history in ([], [3], [3, 7], text[-2:].tolist(), [11, 11]):
         rows = torch.tensor([history + [t] for t in range(vocab)])
         total = sum(float(cache.probability(row, len(history))[-1]) for row in rows)
+        assert total == pytest.approx(1.0, abs=1e-9), history
+        total = sum(float(cache.probability(row, len(history), base=next_token[t:t + 1])[-1])
+                    for t, row in enumerate(rows))
         assert total == pytest.approx(1.0, abs=1e-9), history
     # what it has read becomes predictable: a stretch it read is far more probable than uniform, a new one is not
     seen = cache.probability(text[100:140], 2)
@@ -259,6 +268,18 @@ def test_document_cache_makes_repeated_text_unsurprising_so_the_needle_stands_ou
     needle, filler = max(maxima[0.8][True]), max(maxima[0.8][False])
     assert needle > filler + 1.0
     assert max(maxima[0.0][True]) < max(maxima[0.0][False]) + 0.5  # without the cache there is no such gap
+
+
+def test_first_chunk_is_judged_by_the_model_alone(reader_lm):
+    """With nothing read yet the cache backs off to the model, so the first chunk's surprise is the model's NLL in
+    context, exactly as without the cache (an empty cache backing off to the uniform distribution would add
+    about -log(1 - w) = 1.6 nats to every token); later chunks are measured against the document."""
+    surprise = {}
+    for weight in (0.0, 0.8):
+        engine = _engine(reader_lm, read_cache_weight=weight, read_surprise_threshold=1e6)
+        surprise[weight] = engine.read(_doc(), chunk_tokens=CHUNK, context_tokens=CONTEXT, progress=False).chunk_surprise
+    assert surprise[0.8][0] == pytest.approx(surprise[0.0][0], abs=1e-9)
+    assert surprise[0.8][1:] != pytest.approx(surprise[0.0][1:], abs=1e-3)
 
 
 def test_token_surprise_mixes_model_and_cache():
