@@ -8,7 +8,9 @@ what is written for every text it would write (threshold 0, no cap on spans), so
 *could* pick the needle out: its rank in the document, after the first chunk (which nothing precedes, so it is
 always new) and in its own chunk. Two readers: ``context`` (surprise in the chunk's context, one sentence at a
 time: ``read_cache_weight=0``, ``read_passage_sentences=1``) and ``document`` (the default: the model mixed with
-the n-gram cache of the document read so far, passages of two sentences). See docs/reading.md.
+the n-gram cache of the document read so far, passages of two sentences). Per haystack and reader it also prints
+each chunk's most surprising passage and which chunks have one at or above the default ``read_surprise_threshold``
+(the chunks the reader would write). See docs/reading.md.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--readers", default="context,document", help="comma list of context, document")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_base_model()
     readers = {"context": dict(read_cache_weight=0.0, read_passage_sentences=1), "document": {}}
+    readers = {name: readers[name] for name in args.readers.split(",")}
+    threshold = MemoryConfig().read_surprise_threshold
     for filler in args.fillers.split(","):
         for t in range(args.trials):
             hay = make_haystack(tokenizer, args.length, filler, trial_rng(args.seed, filler, args.length, t), args.window)
@@ -53,6 +58,11 @@ def main(argv=None) -> None:
                           f"{later.index(piece) + 1 if piece in later else '-'} after the first chunk, "
                           f"{own.index(piece) + 1}/{len(own)} in its chunk (median {median:.2f}; most surprising "
                           f"{ranked[0][0]:.2f}: {ranked[0][2][:30]!r})")
+                needle_chunks = sorted({c for s, c, text in pieces if hay["key"] in text})
+                print(f"  most surprising passage per chunk: {[round(c.max_passage_surprise, 2) for c in stats.chunks]}; "
+                      f"chunks with one >= {threshold}: "
+                      f"{[c.index for c in stats.chunks if c.max_passage_surprise >= threshold]} (needle in chunk "
+                      f"{needle_chunks})")
 
 
 if __name__ == "__main__":
