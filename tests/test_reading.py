@@ -373,6 +373,22 @@ def _needle_part(trials, **settings):
     return {"benchmark": "needle", "model": "m", "settings": {**base, **settings}, "trials": rows, "summary": []}
 
 
+def test_needle_exact_answer_is_the_key_itself_not_a_number_containing_it():
+    from hf_titans.bench.needle import answers_exactly, summarize
+
+    assert answers_exactly(" 60337.", "60337") and answers_exactly(" 60337.\nThe", "60337")
+    assert answers_exactly("It is 60337, I think", "60337")
+    for wrong in (" 60337.5", " 603370", " 6,60337", " 1999. 60337", " none", ""):
+        assert not answers_exactly(wrong, "60337"), wrong
+    part = _needle_part([(8192, 0, True), (8192, 1, True)])
+    for trial, answer in zip(part["trials"], (" 60337.", " 60337.5")):
+        trial.update(key="60337", question={"correct": True, "answer": answer},
+                     cloze={"correct": True, "answer": answer})
+    (row,) = summarize(part["trials"])
+    assert row["accuracy_question"] == 1.0 and row["exact_question"] == 0.5 and row["exact_cloze"] == 0.5
+    assert summarize(_needle_part([(8192, 0, True)])["trials"])[0]["exact_cloze"] is None  # no answers kept
+
+
 def test_needle_merge_joins_split_trials_and_refuses_mixed_settings():
     from hf_titans.bench import needle
 

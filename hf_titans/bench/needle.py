@@ -17,7 +17,9 @@ only its window cannot see it. Then:
 * **control** (``--control``): the bare model with the needle inside its window (same filler), which says
   whether the model can do the task at all when it sees the needle.
 
-A trial is correct when the greedy completion (``max_new_tokens`` tokens) contains the key.
+A trial is correct when the greedy completion (``max_new_tokens`` tokens) contains the key (the usual pass-key
+scoring); the summary also gives the stricter *exact* accuracy, where the first number of the completion is the key
+itself (" 60337.5" contains the key 60337 but is not it).
 
 Fillers (``--fillers``): ``repeat`` is the classic pass-key filler ("The grass is green. The sky is blue. ...")
 repeated; ``natural`` is text from a seeded template generator with varied sentences, many of them holding
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -74,6 +77,15 @@ _TEMPLATES = (
     "The bus number {n3} goes past the {place} every hour.",
     "{name} wrote {n} pages in the {adj} {obj} that winter.",
 )
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def answers_exactly(answer: str, key: str) -> bool:
+    """Whether the first number in ``answer`` is ``key`` itself (" 60337." is; " 60337.5" and " 603370" are not)."""
+    number = _NUMBER.search(answer)
+    return number is not None and number.group(0) == key
 
 
 def natural_sentence(rng: random.Random) -> str:
@@ -217,8 +229,11 @@ def summarize(trials: list[dict]) -> list[dict[str, Any]]:
         ts = [t for t in trials if t["filler"] == filler and t["length"] == n]
         acc = lambda name: (sum(t[name]["correct"] for t in ts if name in t) / sum(name in t for t in ts)  # noqa: E731
                             if any(name in t for t in ts) else None)
+        exact = lambda name: (statistics.mean(answers_exactly(t[name]["answer"], t["key"]) for t in ts)  # noqa: E731
+                              if all("answer" in t.get(name, {}) and "key" in t for t in ts) else None)
         rows.append({"filler": filler, "length": n, "trials": len(ts), "accuracy_question": acc("question"),
-                     "accuracy_cloze": acc("cloze"), "baseline_accuracy": acc("baseline"),
+                     "accuracy_cloze": acc("cloze"), "exact_question": exact("question"),
+                     "exact_cloze": exact("cloze"), "baseline_accuracy": acc("baseline"),
                      "control_accuracy": acc("control"),
                      "needle_written": sum(t["needle_written"] for t in ts) / len(ts),
                      "fraction_written": statistics.mean(t["read"]["fraction_written"] for t in ts),
@@ -272,8 +287,9 @@ def markdown_table(results: dict[str, Any]) -> str:
              "window | needle written | chunks written | tokens/s (read) | s per read |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["summary"]:
-        lines.append(f"| {r['filler']} | {r['mean_tokens']:.0f} | {r['trials']} | {pct(r['accuracy_question'])} | "
-                     f"{pct(r['accuracy_cloze'])} | {pct(r['baseline_accuracy'])} | {pct(r['control_accuracy'])} | "
+        lines.append(f"| {r['filler']} | {r['mean_tokens']:.0f} | {r['trials']} | {pct(r['accuracy_question'])} "
+                     f"({pct(r.get('exact_question'))} exact) | {pct(r['accuracy_cloze'])} "
+                     f"({pct(r.get('exact_cloze'))} exact) | {pct(r['baseline_accuracy'])} | {pct(r['control_accuracy'])} | "
                      f"{pct(r['needle_written'])} | {100 * r['fraction_written']:.1f}% | {r['tokens_per_second']:.0f} | "
                      f"{r['read_seconds']:.0f} |")
     return "\n".join(lines)
