@@ -5,8 +5,8 @@
 Each haystack is the one ``python -m hf_titans.bench needle`` builds for the same seed, filler, length and trial.
 ``engine.read(..., max_steps=0)`` runs the reader's forward pass over every chunk and keeps the score that decides
 what is written for every text it would write (threshold 0, no cap on spans), so this shows whether the reader
-*could* pick the needle out: its rank in the document, after the first chunk (which nothing precedes, so it is
-always new) and in its own chunk. Two readers: ``context`` (surprise in the chunk's context, one sentence at a
+*could* pick the needle out: its rank in the document, after the first chunk (which nothing in the document precedes)
+and in its own chunk. Two readers: ``context`` (surprise in the chunk's context, one sentence at a
 time: ``read_cache_weight=0``, ``read_passage_sentences=1``) and ``document`` (the default: the model mixed with
 the n-gram cache of the document read so far, passages of two sentences). Per haystack and reader it also prints
 each chunk's most surprising passage and which chunks have one at or above the default ``read_surprise_threshold``
